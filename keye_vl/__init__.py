@@ -1,0 +1,31 @@
+"""keye-vl: Kwai Keye-VL-2.0-30B-A3B for transformers 5.x.
+
+Import root of the package. The card's folders are installed under it:
+``keye_vl.modeling_keye`` (config + model), ``keye_vl.processing`` (processors) and
+``keye_vl.kernels`` (DSA torch reference + Triton kernels).
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "KeyeVL2Config": "keye_vl.modeling_keye",
+    "KeyeVL2VisionConfig": "keye_vl.modeling_keye",
+    "KeyeVL2MoeForConditionalGeneration": "keye_vl.modeling_keye",
+    "KeyeVL2MoeModel": "keye_vl.modeling_keye",
+    "KeyeVL2PreTrainedModel": "keye_vl.modeling_keye",
+    "KeyeVL2Processor": "keye_vl.processing",
+    "KeyeVL2ImageProcessor": "keye_vl.processing",
+    "KeyeVL2VideoProcessor": "keye_vl.processing",
+    "process_vision_info": "keye_vl.processing",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    # Lazy: `import keye_vl` stays cheap and never imports torch/transformers by itself.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'keye_vl' has no attribute {name!r}")

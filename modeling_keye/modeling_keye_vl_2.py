@@ -1034,6 +1034,21 @@ class KeyeVL2PreTrainedModel(PreTrainedModel):
                 module.inv_freq.device
             )
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained`` plus a complete ``auto_map`` (AutoConfig, AutoModel,
+        AutoModelForCausalLM, AutoModelForImageTextToText) when the class is marked for remote code, so the
+        folder (config.json, flat ``.py`` files, safetensors shards) loads with ``trust_remote_code=True``."""
+        if getattr(self, "_auto_class", None) is not None:
+            mod = "modeling_keye_vl_2"
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoConfig": "configuration_keye_vl_2.KeyeVL2Config",
+                "AutoModel": f"{mod}.KeyeVL2MoeModel",
+                "AutoModelForCausalLM": f"{mod}.KeyeVL2MoeForConditionalGeneration",
+                "AutoModelForImageTextToText": f"{mod}.KeyeVL2MoeForConditionalGeneration",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """DSA is the default when the config has an indexer (``sa_config``); dense "sdpa" otherwise."""
         if requested_attention is None:

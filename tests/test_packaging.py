@@ -1,0 +1,54 @@
+"""Packaging: one import root (``keye_vl``), nothing installed under a generic top-level name, every package folder
+listed in setup.cfg, and the public imports of the README work."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_public_imports():
+    from keye_vl import KeyeVL2Config, KeyeVL2MoeForConditionalGeneration  # noqa: F401
+    from keye_vl.modeling_keye import tiny_config  # noqa: F401
+
+
+def test_setup_cfg_maps_every_folder_under_keye_vl():
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    packages = {p.strip() for p in cfg["options"]["packages"].split() if p.strip()}
+    assert all(p == "keye_vl" or p.startswith("keye_vl.") for p in packages)
+    mapping = dict(
+        line.split("=") for line in cfg["options"]["package_dir"].strip().splitlines() if "=" in line
+    )
+    mapping = {k.strip(): v.strip() for k, v in mapping.items()}
+    for pkg, folder in mapping.items():
+        assert pkg in packages
+        assert (REPO / folder / "__init__.py").is_file(), folder
+    # every sub-folder with Python code under a mapped folder is itself listed
+    for pkg, folder in mapping.items():
+        for sub in (REPO / folder).iterdir():
+            if sub.is_dir() and (sub / "__init__.py").exists():
+                assert f"{pkg}.{sub.name}" in packages, sub
+
+
+def test_generic_names_are_not_importable_from_outside_the_repo(tmp_path):
+    code = (
+        "import importlib.util, sys\n"
+        "import keye_vl.kernels, keye_vl.processing, keye_vl.modeling_keye\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "assert spec is None or 'keye' not in str(spec.origin), spec.origin\n"
+        "assert importlib.util.find_spec('processing') is None\n"
+        "assert importlib.util.find_spec('modeling_keye') is None\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_modeling_symlinks_point_at_the_kernel_files():
+    for name in ("keye_dsa_reference.py", "keye_dsa_triton.py"):
+        link = REPO / "modeling_keye" / name
+        assert link.is_symlink() and link.resolve() == (REPO / "kernels" / name).resolve()

@@ -641,3 +641,12 @@ def sparse_attention(q, k, v, indices, *, scaling, return_lse=False):
     q, k, v, indices = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, indices))
     out, lse = _SparseAttention.apply(q, k, v, indices, float(scaling))
     return (out, lse) if return_lse else out
+
+
+def indexer_kl_loss(attn_q, attn_k, scaling, q, w, k, *, indices=None, q_offset=None, key_mask=None,
+                    segment_ids=None, chunk_size=None, reduction="mean"):
+    """Lightning-indexer KL loss (Triton); implemented in ``keye_dsa_triton_kl.py`` (see its docstring)."""
+    from .keye_dsa_triton_kl import indexer_kl_loss as _impl
+
+    return _impl(attn_q, attn_k, scaling, q, w, k, indices=indices, q_offset=q_offset, key_mask=key_mask,
+                 segment_ids=segment_ids, chunk_size=chunk_size, reduction=reduction)

@@ -28,8 +28,14 @@ __all__ = [
     "indexer_kl_loss",
 ]
 
-# Working memory of one query chunk (all of its [B, Tc, S]-like buffers together), in bytes.
-_CHUNK_BYTES = 256 * 2**20
+# Size of the largest single buffer of one query chunk, in bytes: [B, chunk, S] scores for the top-k
+# and the dense KL, the gathered keys [B, Hkv, chunk, K, D] for the sparse attention. Kept small on
+# purpose: glibc serves buffers of this size from its heap, while larger ones are fresh mmaps whose page
+# faults cost more than the arithmetic on CPU (measured: 3-4x slower sparse attention at 64 MiB).
+_CHUNK_BYTES = 16 * 2**20
+# Indexer score tiles: 64 queries x as many keys as keep the [64 * H_I, keys] ReLU tile at 2M floats.
+_TILE_Q = 64
+_TILE_FLOATS = 2 * 2**20
 
 _NEG_INF = float("-inf")
 
@@ -49,6 +55,10 @@ def _check_float(name: str, x: Tensor, ndim: int) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float64 else 4
 
 
 def _is_pow2(n: int) -> bool:
@@ -118,21 +128,28 @@ def _check_indices_tensor(indices: Tensor, B: int, T: int) -> None:
         raise ValueError(f"indices must be [B, T, K] with B={B}, T={T}, got {tuple(indices.shape)}")
 
 
-def _check_indices_chunk(idx: Tensor, S: int) -> None:
-    """Range [-1, S) and no duplicate key within a row (fast path for ascending lists with -1 at the end)."""
+def _check_indices_chunk(idx: Tensor, S: int) -> Tensor:
+    """Check range [-1, S) and no duplicate key in a row; return idx, trimmed of trailing all-empty columns.
+
+    Fast path for the canonical layout of dsa_topk_indices (ascending, -1 only at the end); any other
+    order is accepted too (checked by a sort) and kept as given. At least one column is kept.
+    """
     if idx.numel() == 0:
-        return
+        return idx
     if bool((idx < -1).any()) or bool((idx >= S).any()):
         raise ValueError(f"indices must lie in [-1, S) with S={S}; got min {int(idx.min())}, max {int(idx.max())}")
-    if idx.shape[-1] < 2:
-        return
+    K = idx.shape[-1]
+    if K < 2:
+        return idx
     a, b = idx[..., :-1], idx[..., 1:]
     # ascending with -1 only at the end <=> every adjacent pair is (x < y), (x, -1) or (-1, -1)
     if bool(((b > a) | (b == -1)).all()):
-        return
+        n = int((idx >= 0).sum(dim=-1).max())
+        return idx[..., :max(n, 1)]
     srt = idx.sort(dim=-1).values
     if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
         raise ValueError("indices must not list the same key twice in one row (duplicates are not allowed)")
+    return idx
 
 
 def _chunk_len(chunk_size: Optional[int], T: int, bytes_per_query: int) -> int:
@@ -170,12 +187,18 @@ def _allowed_at(idx: Tensor, pos_q: Tensor, key_mask: Optional[Tensor], segment_
     return ok
 
 
-def _gather_rows(x_flat: Tensor, idx_safe: Tensor, S: int) -> Tensor:
-    """x_flat [B*S, F] (row b*S+s = key s of batch b), idx_safe [B, Tc, K] >= 0 -> [B, Tc, K, F]."""
+def _heads_flat(x: Tensor, cd: torch.dtype) -> Tensor:
+    """[B, S, Hkv, D] -> [B*Hkv*S, D] in cd (row (b*Hkv + n)*S + s = key s of kv head n): one copy per call."""
+    B, S, Hkv, D = x.shape
+    return x.to(cd).permute(0, 2, 1, 3).reshape(B * Hkv * S, D)
+
+
+def _gather_heads(x_flat: Tensor, idx_safe: Tensor, S: int, Hkv: int) -> Tensor:
+    """Gather listed keys of every kv head: x_flat from _heads_flat, idx_safe [B, Tc, K] >= 0 -> [B, Hkv, Tc, K, D]."""
     B, Tc, K = idx_safe.shape
-    base = (torch.arange(B, device=idx_safe.device) * S).view(B, 1, 1)
-    rows = x_flat.index_select(0, (idx_safe + base).reshape(-1))
-    return rows.view(B, Tc, K, x_flat.shape[-1])
+    base = torch.arange(B * Hkv, device=idx_safe.device).view(B, Hkv, 1, 1) * S
+    rows = x_flat.index_select(0, (idx_safe.unsqueeze(1) + base).reshape(-1))
+    return rows.view(B, Hkv, Tc, K, x_flat.shape[-1])
 
 
 def _masked_softmax(logits: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
@@ -237,18 +260,44 @@ def hadamard_transform(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # indexer scores and top-k
 # ----------------------------------------------------------------------------------------------
-def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor) -> Tensor:
-    """I [B, Tc, S_c] = sum_h w * D^-1/2 * relu(q_h . k_s), no masking; inputs already in compute dtype.
+def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Optional[int] = None) -> Tensor:
+    """I [B, Tc, S_c] = sum_h w * D^-1/2 * relu(q_h . k_s), unmasked; inputs already in the compute dtype.
 
-    One matmul for all heads ([B, Tc*H, S_c] buffer), then the head sum as a batched [1, H] @ [H, S_c].
+    Tiled (_TILE_Q queries x a block of keys): one matmul for all heads of the tile, ReLU, then the head
+    sum as a batched [1, H] @ [H, keys]. With ``key_limit`` given, query i of the chunk only needs keys
+    s < key_limit + i + 1 (causal); keys past its tile's limit are left at 0 (the caller masks them).
     """
     B, Tc, H, D = q_c.shape
     S_c = k_c.shape[1]
-    y = torch.matmul(q_c.reshape(B, Tc * H, D), k_c.transpose(1, 2))  # [B, Tc*H, S_c]
-    y = torch.relu(y) if _needs_grad(q_c, k_c) else y.relu_()
-    ws = (w_c * (D ** -0.5)).reshape(B * Tc, 1, H)
-    out = torch.matmul(ws, y.view(B * Tc, H, S_c))  # [B*Tc, 1, S_c]
-    return out.view(B, Tc, S_c)
+    grad = _needs_grad(q_c, w_c, k_c)
+    ws_all = w_c * (D ** -0.5)
+    tq = max(1, min(Tc, _TILE_Q))
+    ts = max(64, _TILE_FLOATS // max(1, B * tq * H))
+    out = None if grad else torch.zeros((B, Tc, S_c), dtype=q_c.dtype, device=q_c.device)
+    rows = []
+    for a in range(0, Tc, tq):
+        b = min(Tc, a + tq)
+        n = b - a
+        lim = S_c if key_limit is None else max(0, min(S_c, key_limit + b))
+        qf = q_c[:, a:b].reshape(B, n * H, D)
+        ws = ws_all[:, a:b].reshape(B * n, 1, H)
+        pieces = []
+        for s0 in range(0, lim, ts):
+            s1 = min(lim, s0 + ts)
+            y = torch.matmul(qf, k_c[:, s0:s1].transpose(1, 2))  # [B, n*H, s1-s0]
+            y = torch.relu(y) if grad else y.relu_()
+            piece = torch.matmul(ws, y.view(B * n, H, s1 - s0)).view(B, n, s1 - s0)
+            if grad:
+                pieces.append(piece)
+            else:
+                out[:, a:b, s0:s1] = piece
+        if grad:
+            if lim < S_c:
+                pieces.append(q_c.new_zeros((B, n, S_c - lim)))
+            rows.append(torch.cat(pieces, dim=-1))
+    if grad:
+        return torch.cat(rows, dim=1) if rows else q_c.new_zeros((B, Tc, S_c))
+    return out
 
 
 def dsa_indexer_scores(q: Tensor, w: Tensor, k: Tensor, *, q_offset: Union[int, Tensor, None] = None,
@@ -276,7 +325,7 @@ def dsa_indexer_scores(q: Tensor, w: Tensor, k: Tensor, *, q_offset: Union[int, 
     off = _q_offsets(q_offset, B, T, S, q.device)
     cd = _compute_dtype(q, w, k)
     kf = k.to(cd)
-    chunk = _chunk_len(None, T, 4 * B * max(S, 1) * (H + 2))
+    chunk = _chunk_len(None, T, _elt(cd) * B * max(S, 1))
     outs = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -295,25 +344,30 @@ def _select_topk(s: Tensor, allowed: Tensor, topk: int) -> Tensor:
     with a -inf/NaN score still rank above keys that are not allowed (so a query with <= topk allowed
     keys lists all of them). Returns [B, Tc, topk] int64, ascending positions, -1 padding at the end.
 
-    Exact regardless of how torch.topk orders ties: the topk-th value is a threshold; everything
-    strictly above it is selected, and the remaining slots go to the lowest positions equal to it.
+    Exact whatever order torch uses internally: the topk-th largest value is a threshold; every key
+    strictly above it is taken, and the slots left go to the lowest positions equal to it.
     """
     B, Tc, S_c = s.shape
     out = torch.full((B, Tc, topk), -1, dtype=torch.long, device=s.device)
-    if S_c == 0 or Tc == 0:
+    if S_c == 0 or Tc == 0 or B == 0:
         return out
-    s.masked_fill_(torch.isnan(s), _NEG_INF)
-    s.masked_fill_(~allowed, _NEG_INF)
-    m = allowed.sum(dim=-1).clamp(max=topk)  # [B, Tc] number of keys this row gets
-    kk = min(topk, S_c)
-    vals = torch.topk(s, kk, dim=-1, largest=True, sorted=True).values
-    thr = vals.gather(-1, (m - 1).clamp(min=0).unsqueeze(-1))  # [B, Tc, 1]
-    sel = s > thr  # all allowed: disallowed are -inf and nothing is > thr >= -inf for them
-    eq = (s == thr) & allowed
-    need = (m - sel.sum(dim=-1)).unsqueeze(-1)  # slots left for keys equal to the threshold
-    if bool((eq.sum(dim=-1, keepdim=True) > need).any()):
-        eq &= eq.cumsum(dim=-1, dtype=torch.int32) <= need
-    sel |= eq
+    s.masked_fill_(torch.isnan(s) | ~allowed, _NEG_INF)
+    n_allowed = allowed.sum(dim=-1)  # [B, Tc]
+    m = n_allowed.clamp(max=topk)  # keys listed for each query
+    full = n_allowed > topk  # rows that must drop keys
+    if S_c > topk and bool(full.any()):
+        # topk-th largest of the row = its (S_c - topk + 1)-th smallest; for a full row it is the topk-th
+        # largest allowed score (the -inf of disallowed keys cannot rise above it).
+        thr = torch.kthvalue(s, S_c - topk + 1, dim=-1, keepdim=True).values
+        thr = thr.masked_fill(~full.unsqueeze(-1), _NEG_INF)  # other rows: take every allowed key
+        sel = s > thr  # only allowed keys can be > thr >= -inf
+        eq = (s == thr) & allowed
+        need = (m - sel.sum(dim=-1)).unsqueeze(-1)  # slots left for keys equal to the threshold
+        if bool((eq.sum(dim=-1, keepdim=True) > need).any()):
+            eq &= eq.cumsum(dim=-1, dtype=torch.int32) <= need  # ties: lowest positions first
+        sel |= eq
+    else:
+        sel = allowed
     pos = sel.nonzero()  # row-major: rows in order, positions ascending within a row
     if pos.shape[0] != int(m.sum()):
         raise RuntimeError("internal error in _select_topk: selected count differs from the expected count")
@@ -355,14 +409,14 @@ def dsa_topk_indices(q: Tensor, w: Tensor, k: Tensor, topk: int, *, q_offset: Un
         return out
     cd = _compute_dtype(q, w, k)
     max_off = int(off.max())
-    chunk = _chunk_len(chunk_size, T, 4 * B * max(S, 1) * (H + 5))
+    chunk = _chunk_len(chunk_size, T, _elt(cd) * B * max(S, 1))
     with torch.no_grad():
         kf = k.to(cd)
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
             S_c = min(S, max_off + t1)  # keys past the last query of the chunk are never allowed
             pos_q = off.unsqueeze(1) + torch.arange(t0, t1, device=q.device).unsqueeze(0)
-            s = _indexer_scores_chunk(q[:, t0:t1].to(cd), w[:, t0:t1].to(cd), kf[:, :S_c])
+            s = _indexer_scores_chunk(q[:, t0:t1].to(cd), w[:, t0:t1].to(cd), kf[:, :S_c], key_limit=max_off + t0)
             allowed = _allowed_dense(pos_q, S_c, key_mask, segment_ids)
             out[:, t0:t1] = _select_topk(s, allowed, topk)
     return out
@@ -371,18 +425,17 @@ def dsa_topk_indices(q: Tensor, w: Tensor, k: Tensor, topk: int, *, q_offset: Un
 # ----------------------------------------------------------------------------------------------
 # sparse attention
 # ----------------------------------------------------------------------------------------------
-def _sparse_probs(q_c: Tensor, k_flat: Tensor, idx: Tensor, valid: Tensor, S: int, Hkv: int, scaling: float,
-                  cd: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Per-head softmax of scaling * q.k over the listed keys.
+def _sparse_probs(q_c: Tensor, k_flat: Tensor, idx: Tensor, valid: Tensor, S: int, Hkv: int,
+                  scaling: float) -> Tuple[Tensor, Tensor]:
+    """Per-head softmax of scaling * q.k over the listed keys (GQA: head h reads kv head h // G).
 
-    q_c [B, Tc, Hq, D]; k_flat [B*S, Hkv*D]; idx [B, Tc, K] (any value where not valid); valid [B, Tc, K].
-    Returns p [B, Hkv, Tc, G, K] and lse [B, Hkv, Tc, G] in cd.
+    q_c [B, Tc, Hq, D]; k_flat from _heads_flat; idx [B, Tc, K] (any value where not valid);
+    valid [B, Tc, K]. Returns p [B, Hkv, Tc, G, K] and lse [B, Hkv, Tc, G] in k_flat's dtype.
     """
     B, Tc, Hq, D = q_c.shape
-    K = idx.shape[-1]
     G = Hq // Hkv
-    k_sel = _gather_rows(k_flat, idx.clamp(min=0), S).view(B, Tc, K, Hkv, D).to(cd).permute(0, 3, 1, 2, 4)
-    qg = q_c.to(cd).view(B, Tc, Hkv, G, D).permute(0, 2, 1, 3, 4)  # [B, Hkv, Tc, G, D]
+    k_sel = _gather_heads(k_flat, idx.clamp(min=0), S, Hkv)  # [B, Hkv, Tc, K, D]
+    qg = q_c.to(k_flat.dtype).view(B, Tc, Hkv, G, D).permute(0, 2, 1, 3, 4)  # [B, Hkv, Tc, G, D]
     logits = torch.matmul(qg, k_sel.transpose(-1, -2)) * scaling  # [B, Hkv, Tc, G, K]
     return _masked_softmax(logits, valid[:, None, :, None, :])
 
@@ -391,13 +444,10 @@ def _sparse_attention_chunk(q_c: Tensor, k_flat: Tensor, v_flat: Tensor, idx: Te
                             scaling: float) -> Tuple[Tensor, Tensor]:
     """out [B, Tc, Hq, Dv] and lse [B, Tc, Hq] (compute dtype) for one query chunk."""
     B, Tc, Hq, _ = q_c.shape
-    K = idx.shape[-1]
-    Dv = v_flat.shape[-1] // Hkv
-    cd = _compute_dtype(q_c, k_flat, v_flat)
-    p, lse = _sparse_probs(q_c, k_flat, idx, idx >= 0, S, Hkv, scaling, cd)
-    v_sel = _gather_rows(v_flat, idx.clamp(min=0), S).view(B, Tc, K, Hkv, Dv).to(cd).permute(0, 3, 1, 2, 4)
+    p, lse = _sparse_probs(q_c, k_flat, idx, idx >= 0, S, Hkv, scaling)
+    v_sel = _gather_heads(v_flat, idx.clamp(min=0), S, Hkv)  # [B, Hkv, Tc, K, Dv]
     o = torch.matmul(p, v_sel)  # [B, Hkv, Tc, G, Dv]
-    o = o.permute(0, 2, 1, 3, 4).reshape(B, Tc, Hq, Dv)
+    o = o.permute(0, 2, 1, 3, 4).reshape(B, Tc, Hq, v_flat.shape[-1])
     lse = lse.permute(0, 2, 1, 3).reshape(B, Tc, Hq)
     return o, lse
 
@@ -409,15 +459,16 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, scalin
     ``out[b, t, h] = softmax_j(scaling * q[b, t, h] . k[b, idx_j, h // G]) @ v[b, idx_j, h // G]`` over the
     listed keys ``idx_j = indices[b, t, j] >= 0`` only (``G = Hq / Hkv``; the list is shared by all heads).
     ``-1`` slots are masked (never read as key 0). The list is taken as given (no causal check): the
-    caller lists allowed keys (:func:`dsa_topk_indices` does). Queries are processed in chunks with a
-    bounded gather buffer; when gradients are needed each chunk runs under activation checkpointing
-    (plain torch autograd through the gather, recomputed in backward), so training memory stays bounded.
+    caller lists allowed keys (:func:`dsa_topk_indices` does). Queries are processed in small chunks
+    (gathered keys of one chunk about 16 MiB); when gradients are needed each chunk runs under
+    activation checkpointing (plain torch autograd through the gather, recomputed in backward), so
+    training memory stays bounded too.
 
     Args:
         q: [B, T, Hq, D] float; k: [B, S, Hkv, D]; v: [B, S, Hkv, Dv] (same dtype as k; Dv usually = D).
         indices: LongTensor [B, T, K]: key positions in [0, S) or -1 (empty); no duplicates in a row.
         scaling: softmax scale (the model uses head_dim**-0.5).
-        return_lse: also return the log-sum-exp of the scaled logits.
+        return_lse: also return the log-sum-exp of the scaled logits (natural log).
     Returns:
         out [B, T, Hq, Dv] in q.dtype; with return_lse also lse [B, T, Hq] float32 (float64 for float64
         inputs). A query with no listed key: out 0, lse -inf, no NaN (forward and backward).
@@ -441,21 +492,20 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, scalin
         raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv}) (GQA)")
     _check_indices_tensor(indices, B, T)
     scaling = float(scaling)
-    K = indices.shape[-1]
     Dv = v.shape[-1]
     cd = _compute_dtype(q, k, v)
+    if indices.shape[-1] == 0:  # no key listed anywhere: same as one empty slot
+        indices = indices.new_full((B, T, 1), -1)
+    K = indices.shape[-1]
     grad = _needs_grad(q, k, v)
-    k_flat = k.reshape(B * S, Hkv * D)
-    v_flat = v.reshape(B * S, Hkv * Dv)
-    per_query = B * K * (2 * Hkv * (D + Dv) * 4 + 4 * Hq * 4 + 24)
-    chunk = _chunk_len(None, T, per_query)
-    out = None if grad else q.new_empty((B, T, Hq, Dv))
-    lse = None if grad else torch.empty((B, T, Hq), dtype=cd, device=q.device)
+    k_flat, v_flat = _heads_flat(k, cd), _heads_flat(v, cd)
+    chunk = _chunk_len(None, T, _elt(cd) * B * K * Hkv * max(D, Dv))
+    out = q.new_empty((B, T, Hq, Dv))
+    lse = torch.empty((B, T, Hq), dtype=cd, device=q.device)
     outs, lses = [], []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        idx = indices[:, t0:t1]
-        _check_indices_chunk(idx, S)
+        idx = _check_indices_chunk(indices[:, t0:t1], S)
         if grad:
             o_c, l_c = checkpoint(_sparse_attention_chunk, q[:, t0:t1], k_flat, v_flat, idx, S, Hkv, scaling,
                                   use_reentrant=False)
@@ -465,9 +515,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, scalin
             o_c, l_c = _sparse_attention_chunk(q[:, t0:t1], k_flat, v_flat, idx, S, Hkv, scaling)
             out[:, t0:t1] = o_c
             lse[:, t0:t1] = l_c
-    if grad:
-        out = torch.cat(outs, dim=1) if outs else q.new_zeros((B, T, Hq, Dv)) * q.sum()
-        lse = torch.cat(lses, dim=1) if lses else torch.empty((B, T, Hq), dtype=cd, device=q.device)
+    if grad and outs:
+        out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)
     return (out, lse) if return_lse else out
 
 
@@ -491,14 +540,16 @@ def _l1_normalise(x: Tensor) -> Tensor:
 
 
 def _kl_dense_chunk(aq_c: Tensor, ak: Tensor, q_c: Tensor, w_c: Tensor, k: Tensor, pos_q: Tensor, S_c: int,
-                    key_mask: Optional[Tensor], segment_ids: Optional[Tensor], scaling: float) -> Tensor:
+                    key_limit: int, key_mask: Optional[Tensor], segment_ids: Optional[Tensor],
+                    scaling: float) -> Tensor:
+    """Sum over the chunk's queries of KL(p || softmax(I)) over all allowed keys s < S_c."""
     B, Tc, Hq, _ = aq_c.shape
     Hkv = ak.shape[2]
     G = Hq // Hkv
     cd = _compute_dtype(aq_c, ak, q_c, w_c, k)
     allowed = _allowed_dense(pos_q, S_c, key_mask, segment_ids)  # [B, Tc, S_c]
     row_has = allowed.any(dim=-1)
-    with torch.no_grad():  # target distribution p: main attention, summed over heads, L1-normalised
+    with torch.no_grad():  # target p: main attention per head over allowed keys, summed, L1-normalised
         acc = torch.zeros((B, Tc, S_c), dtype=cd, device=aq_c.device)
         for n in range(Hkv):
             kn_t = ak[:, :S_c, n, :].to(cd).transpose(1, 2)  # [B, Da, S_c]
@@ -506,22 +557,22 @@ def _kl_dense_chunk(aq_c: Tensor, ak: Tensor, q_c: Tensor, w_c: Tensor, k: Tenso
                 logits = torch.matmul(aq_c[:, :, n * G + g, :].to(cd), kn_t) * scaling
                 acc += _masked_softmax(logits, allowed)[0]
         p = _l1_normalise(acc)
-    scores = _indexer_scores_chunk(q_c.to(cd), w_c.to(cd), k[:, :S_c].to(cd))
+    scores = _indexer_scores_chunk(q_c.to(cd), w_c.to(cd), k[:, :S_c].to(cd), key_limit=key_limit)
     return _kl_rows(p, scores, allowed, row_has)
 
 
 def _kl_sparse_chunk(aq_c: Tensor, ak_flat: Tensor, q_c: Tensor, w_c: Tensor, k_flat: Tensor, idx: Tensor,
                      pos_q: Tensor, key_mask: Optional[Tensor], segment_ids: Optional[Tensor], S: int, Hkv: int,
                      scaling: float) -> Tensor:
+    """Sum over the chunk's queries of KL(p || softmax(I)) over the listed allowed keys."""
     B, Tc, H, D = q_c.shape
-    K = idx.shape[-1]
-    cd = _compute_dtype(aq_c, ak_flat, q_c, w_c, k_flat)
+    cd = k_flat.dtype
     valid = _allowed_at(idx, pos_q, key_mask, segment_ids)  # [B, Tc, K]
     row_has = valid.any(dim=-1)
     with torch.no_grad():  # per-head softmax over the listed keys, summed over heads, L1-normalised
-        p_heads, _ = _sparse_probs(aq_c, ak_flat, idx, valid, S, Hkv, scaling, cd)  # [B, Hkv, Tc, G, K]
+        p_heads, _ = _sparse_probs(aq_c, ak_flat, idx, valid, S, Hkv, scaling)  # [B, Hkv, Tc, G, K]
         p = _l1_normalise(p_heads.sum(dim=(1, 3)))  # [B, Tc, K]
-    k_sel = _gather_rows(k_flat, idx.clamp(min=0), S).to(cd)  # [B, Tc, K, D]
+    k_sel = _gather_heads(k_flat, idx.clamp(min=0), S, 1)[:, 0]  # [B, Tc, K, D]
     y = torch.relu(torch.matmul(q_c.to(cd), k_sel.transpose(-1, -2)))  # [B, Tc, H, K]
     ws = (w_c.to(cd) * (D ** -0.5)).unsqueeze(-2)  # [B, Tc, 1, H]
     scores = torch.matmul(ws, y).squeeze(-2)  # [B, Tc, K]
@@ -541,12 +592,13 @@ def indexer_kl_loss(attn_q: Tensor, attn_k: Tensor, scaling: float, q: Tensor, w
 
     * ``indices is None`` (dense warm-up): over all allowed keys.
     * ``indices`` given (sparse stage): over the listed keys that are allowed; the per-head softmax is
-      taken over that set (as the sparse attention does), then summed and L1-normalised, and
-      ``softmax(I_t)`` is renormalised over the same set (as Megatron-LM's DSA loss).
+      taken over that set (as the sparse attention computes it), then summed and L1-normalised, and
+      ``softmax(I_t)`` is renormalised over the same set (as Megatron-LM's DSA indexer loss).
 
-    Computed one query chunk at a time (buffers about [B, chunk, max(Hq-loop, H_I), S] in the dense
-    case) and, when gradients are needed, under activation checkpointing, so no [T, S] tensor lives
-    at once. Gradient flows only into ``q``, ``w``, ``k``; ``attn_q``/``attn_k`` get none.
+    Computed one query chunk at a time (largest buffer about 16 MiB, H_I times that for the saved
+    ReLU tiles of one chunk in backward) and, when gradients are needed, under activation
+    checkpointing, so no [T, S] tensor lives at once. Gradient flows only into ``q``, ``w``, ``k``;
+    ``attn_q``/``attn_k`` are detached and get none.
 
     Args:
         attn_q: [B, T, Hq, Da] main-attention queries (roped); attn_k: [B, S, Hkv, Da] (roped).
@@ -585,16 +637,17 @@ def indexer_kl_loss(attn_q: Tensor, attn_k: Tensor, scaling: float, q: Tensor, w
     cd = _compute_dtype(attn_q, attn_k, q, w, k)
     grad = _needs_grad(q, w, k)
     max_off = int(off.max()) if B > 0 else 0
+    attn_q, attn_k = attn_q.detach(), attn_k.detach()
 
     if indices is None:
-        per_query = 4 * B * max(S, 1) * (H + 12)
+        chunk = _chunk_len(chunk_size, T, _elt(cd) * B * max(S, 1))
     else:
+        if indices.shape[-1] == 0:
+            indices = indices.new_full((B, T, 1), -1)
         Kn = indices.shape[-1]
-        per_query = 4 * B * max(Kn, 1) * (Hkv * Da + D + 4 * Hq + 3 * H + 12)
-    chunk = _chunk_len(chunk_size, T, per_query)
-    if indices is not None:
-        ak_flat = attn_k.detach().reshape(B * S, Hkv * Da)
-        k_flat = k.reshape(B * S, D)
+        chunk = _chunk_len(chunk_size, T, _elt(cd) * B * Kn * max(Hkv * Da, H * D))
+        ak_flat = _heads_flat(attn_k, cd)
+        k_flat = k.to(cd).reshape(B * S, D)
 
     total = torch.zeros((), dtype=cd, device=q.device)
     count = 0
@@ -603,19 +656,16 @@ def indexer_kl_loss(attn_q: Tensor, attn_k: Tensor, scaling: float, q: Tensor, w
         pos_q = off.unsqueeze(1) + torch.arange(t0, t1, device=q.device).unsqueeze(0)
         if indices is None:
             S_c = min(S, max_off + t1)
-            args = (attn_q[:, t0:t1].detach(), attn_k.detach(), q[:, t0:t1], w[:, t0:t1], k, pos_q, S_c,
+            args = (attn_q[:, t0:t1], attn_k, q[:, t0:t1], w[:, t0:t1], k, pos_q, S_c, max_off + t0,
                     key_mask, segment_ids, scaling)
             fn = _kl_dense_chunk
-            with torch.no_grad():
-                count += int(_allowed_dense(pos_q, S_c, key_mask, segment_ids).any(dim=-1).sum())
+            count += int(_allowed_dense(pos_q, S_c, key_mask, segment_ids).any(dim=-1).sum())
         else:
-            idx = indices[:, t0:t1]
-            _check_indices_chunk(idx, S)
-            args = (attn_q[:, t0:t1].detach(), ak_flat, q[:, t0:t1], w[:, t0:t1], k_flat, idx, pos_q,
+            idx = _check_indices_chunk(indices[:, t0:t1], S)
+            args = (attn_q[:, t0:t1], ak_flat, q[:, t0:t1], w[:, t0:t1], k_flat, idx, pos_q,
                     key_mask, segment_ids, S, Hkv, scaling)
             fn = _kl_sparse_chunk
-            with torch.no_grad():
-                count += int(_allowed_at(idx, pos_q, key_mask, segment_ids).any(dim=-1).sum())
+            count += int(_allowed_at(idx, pos_q, key_mask, segment_ids).any(dim=-1).sum())
         part = checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
         total = total + part
     if reduction == "mean":

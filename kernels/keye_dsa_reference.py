@@ -142,8 +142,8 @@ def _check_indices_chunk(idx: Tensor, S: int) -> Tensor:
     if K < 2:
         return idx
     a, b = idx[..., :-1], idx[..., 1:]
-    # ascending with -1 only at the end <=> every adjacent pair is (x < y), (x, -1) or (-1, -1)
-    if bool(((b > a) | (b == -1)).all()):
+    # ascending with -1 only at the end <=> every adjacent pair is (x < y) with x >= 0, (x, -1) or (-1, -1)
+    if bool((((b > a) & (a >= 0)) | (b == -1)).all()):
         n = int((idx >= 0).sum(dim=-1).max())
         return idx[..., :max(n, 1)]
     srt = idx.sort(dim=-1).values

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicIndexedLayer, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
@@ -121,53 +121,266 @@ class KeyeVL2CausalLMOutput(ModelOutput):
 # ======================================================================================================
 # Cache: K/V per layer (transformers' DynamicCache) + DSA indexer keys per layer
 # ======================================================================================================
-class KeyeVL2Cache(DynamicCache):
-    """``DynamicCache`` plus one indexer-key tensor per layer ([B, S, D_I], spec section 3 item 5).
+class KeyeVL2CacheLayer(DynamicLayer):
+    """One decoder layer's cache: K/V and DSA indexer keys in buffers that grow by capacity, not by ``torch.cat``.
 
-    Works with the cache API of transformers 5.17 through 5.x: it only adds state and re-applies the batch /
-    length operations of the parent (reorder, crop, select, repeat, reset) to the indexer keys.
+    Storage is token-major, the layout the DSA kernels read (spec ``dsa_kernels.md``: the 4 KV heads of one
+    token contiguous): ``_k``/``_v`` [B, capacity, H_kv, D] and ``_ik`` [B, capacity, D_I], all in the dtype of
+    the first update. ``keys`` / ``values`` are views [B, H_kv, S, D] (``_k[:, :S].transpose(1, 2)``) and
+    ``indexer_keys`` a view [B, S, D_I], so the transformers Cache API sees a ``DynamicLayer``.
+
+    Growth: when an update does not fit, the capacity becomes ``max(needed, growth * capacity)`` rounded up to
+    ``block`` tokens, and only the filled part is copied once. A step therefore writes only its new tokens
+    (``DynamicLayer``'s ``torch.cat`` copies the whole layer every step: O(S^2) bytes over a generation),
+    and the spare room is at most ``growth - 1`` of the length (25% by default); ``reserve(n)`` sizes it
+    exactly in advance. ``crop`` only moves the length; batch operations keep the capacity.
+
+    Under autograd (an update whose inputs require grad) it falls back to out-of-place concatenation, so no
+    tensor saved for backward is ever written in place.
     """
 
-    def __init__(self, *args, **kwargs):
+    _layer_type = None  # never replace transformers' global layer-type mapping
+
+    def __init__(self, capacity: int | None = None, growth: float = 1.25, block: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        if growth <= 1.0:
+            raise ValueError(f"KeyeVL2CacheLayer growth must be > 1, got {growth}")
+        self.capacity_hint = int(capacity) if capacity else 0
+        self.growth = float(growth)
+        self.block = max(1, int(block))
+        self._k = self._v = self._ik = None  # [B, cap, H, D], [B, cap, H, D], [B, cap, D_I]
+        self._len = 0  # tokens in _k / _v
+        self._ilen = 0  # tokens in _ik
+        self.indexer_keys: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def _round(self, n: int) -> int:
+        return -(-int(n) // self.block) * self.block
+
+    def _grown(self, buf: torch.Tensor | None, filled: int, needed: int, shape_tail, dtype, device,
+               min_capacity: int = 0) -> torch.Tensor:
+        """A buffer [B, cap, *tail] with cap >= needed holding ``buf[:, :filled]`` (``buf`` itself if it fits)."""
+        cap = 0 if buf is None else buf.shape[1]
+        if buf is not None and needed <= cap:
+            return buf
+        new_cap = self._round(max(needed, int(cap * self.growth), self.capacity_hint, min_capacity))
+        B = shape_tail[0]
+        new = torch.empty((B, new_cap, *shape_tail[1:]), dtype=dtype, device=device)
+        if filled:
+            new[:, :filled].copy_(buf[:, :filled])
+        return new
+
+    def _refresh(self) -> None:
+        if self._k is not None:
+            self.keys = self._k[:, : self._len].transpose(1, 2)
+            self.values = self._v[:, : self._len].transpose(1, 2)
+        if self._ik is not None:
+            self.indexer_keys = self._ik[:, : self._ilen]
+
+    def _compatible(self, buf: torch.Tensor | None, x: torch.Tensor, tail) -> bool:
+        return buf is not None and buf.device == x.device and tuple(buf.shape[2:]) == tuple(tail) and buf.shape[0] == x.shape[0]
+
+    # ---------------------------------------------------------------- CacheLayerMixin API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Record dtype/device; allocate ``capacity_hint`` tokens when one was given (else on first update)."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        if self.capacity_hint and not self._compatible(self._k, key_states, (H, D)):
+            self._k = torch.empty(B, self._round(self.capacity_hint), H, D, dtype=key_states.dtype, device=self.device)
+            self._v = torch.empty(B, self._round(self.capacity_hint), H, value_states.shape[-1],
+                                  dtype=value_states.dtype, device=self.device)
+        elif self._k is None:
+            self._k = key_states.new_empty(B, 0, H, D)
+            self._v = value_states.new_empty(B, 0, H, value_states.shape[-1])
+        self._len = 0
+        self.is_initialized = True
+        self._refresh()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append key/value states [B, H_kv, T, D]; return all keys and values [B, H_kv, S, D] (views)."""
+        B, H, T, D = key_states.shape
+        if not self.is_initialized or not self._compatible(self._k, key_states, (H, D)):
+            if self.is_initialized and self._len:
+                raise ValueError(
+                    f"KeyeVL2CacheLayer holds {self._len} tokens of shape {tuple(self._k.shape[:1]) + tuple(self._k.shape[2:])} "
+                    f"(batch, heads, dim); cannot append states of shape {tuple(key_states.shape)} (reset() the cache first)"
+                )
+            self._k = self._v = None
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            keys = key_states if self._len == 0 else torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)
+            values = value_states if self._len == 0 else torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)
+            self._k, self._v = keys.transpose(1, 2), values.transpose(1, 2)
+            self._len = keys.shape[-2]
+            self._refresh()
+            return self.keys, self.values
+        L = self._len
+        self._k = self._grown(self._k, L, L + T, (B, H, D), self._k.dtype, key_states.device)
+        self._v = self._grown(self._v, L, L + T, (B, H, value_states.shape[-1]), self._v.dtype, value_states.device)
+        self._k[:, L : L + T].copy_(key_states.transpose(1, 2))
+        self._v[:, L : L + T].copy_(value_states.transpose(1, 2))
+        self._len = L + T
+        self._refresh()
+        return self.keys, self.values
+
+    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        """Append indexer keys [B, T, D_I]; return all of them [B, S, D_I] (a view)."""
+        B, T, Di = indexer_key_states.shape
+        if not self._compatible(self._ik, indexer_key_states, (Di,)):
+            if self._ik is not None and self._ilen:
+                raise ValueError(
+                    f"KeyeVL2CacheLayer holds {self._ilen} indexer keys of shape {tuple(self._ik.shape)}; cannot append "
+                    f"{tuple(indexer_key_states.shape)} (reset() the cache first)"
+                )
+            self._ik, self._ilen = indexer_key_states.new_empty(B, 0, Di), 0
+        if torch.is_grad_enabled() and indexer_key_states.requires_grad:
+            ik = indexer_key_states if self._ilen == 0 else torch.cat(
+                [self.indexer_keys.to(indexer_key_states.dtype), indexer_key_states], dim=1)
+            self._ik, self._ilen = ik, ik.shape[1]
+        else:
+            L = self._ilen
+            kv_cap = self._k.shape[1] if self._k is not None else 0  # grow in step with K/V
+            self._ik = self._grown(self._ik, L, L + T, (B, Di), self._ik.dtype, indexer_key_states.device, kv_cap)
+            self._ik[:, L : L + T].copy_(indexer_key_states)
+            self._ilen = L + T
+        self._refresh()
+        return self.indexer_keys
+
+    def get_seq_length(self) -> int:
+        return self._len if self.is_initialized else 0
+
+    def reserve(self, total_tokens: int) -> None:
+        """Make room for ``total_tokens`` tokens now (one copy of what is filled), and for layers not yet
+        allocated, allocate that many on the first update."""
+        self.capacity_hint = max(self.capacity_hint, int(total_tokens))
+        if self._k is not None and self._k.shape[1] < total_tokens and not self._k.requires_grad:
+            self._k = self._grown(self._k, self._len, total_tokens, (self._k.shape[0], *self._k.shape[2:]), self._k.dtype, self._k.device)
+            self._v = self._grown(self._v, self._len, total_tokens, (self._v.shape[0], *self._v.shape[2:]), self._v.dtype, self._v.device)
+        if self._ik is not None and self._ik.shape[1] < total_tokens and not self._ik.requires_grad:
+            self._ik = self._grown(self._ik, self._ilen, total_tokens, (self._ik.shape[0], self._ik.shape[2]), self._ik.dtype, self._ik.device)
+        self._refresh()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative n: drop the last -n tokens (transformers >= 5.18 convention); positive n: keep the first n
+        (the older absolute-length convention, still sent by 5.17's deprecated path); 0: nothing."""
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        keep = max(0, self._len + tokens_to_remove) if tokens_to_remove < 0 else min(self._len, tokens_to_remove)
+        self._len = keep
+        self._ilen = min(self._ilen, keep)
+        self._refresh()
+
+    def _apply_batch(self, fn) -> None:
+        for name in ("_k", "_v", "_ik"):
+            buf = getattr(self, name)
+            if buf is not None:
+                setattr(self, name, fn(buf))
+        self._refresh()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def reset(self) -> None:
+        """Empty the layer but keep its buffers (the next prompt reuses the memory; a different batch size or
+        head shape reallocates)."""
+        self._len = self._ilen = 0
+        self._refresh()
+
+    def offload(self):
+        if self.is_initialized:
+            self._apply_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self._k is not None and self._k.device != self.device:
+            self._apply_batch(lambda t: t.to(self.device, non_blocking=True))
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes allocated (capacity) and used (filled) by this layer's K/V and indexer-key buffers."""
+        kv_tok = sum(b[0, 0].numel() * b.element_size() * b.shape[0] for b in (self._k, self._v) if b is not None and b.shape[1])
+        ik_tok = self._ik[0, 0].numel() * self._ik.element_size() * self._ik.shape[0] if self._ik is not None and self._ik.shape[1] else 0
+        return {
+            "kv_allocated": kv_tok * (self._k.shape[1] if self._k is not None else 0),
+            "kv_used": kv_tok * self._len,
+            "indexer_allocated": ik_tok * (self._ik.shape[1] if self._ik is not None else 0),
+            "indexer_used": ik_tok * self._ilen,
+        }
+
+
+class KeyeVL2Cache(DynamicCache):
+    """``DynamicCache`` whose layers are :class:`KeyeVL2CacheLayer`: K/V plus DSA indexer keys ([B, S, D_I],
+    spec section 3 item 5), grown by capacity instead of copied every step.
+
+    Args (besides ``DynamicCache``'s):
+        capacity: tokens to allocate per layer on the first update (e.g. prompt + max_new_tokens); None grows.
+        growth: capacity factor when an update does not fit (> 1; 1.25 wastes at most 25%).
+
+    Works with the cache API of transformers 5.17 through 5.x (``update``, ``update_indexer``,
+    ``get_seq_length``, ``crop`` in both conventions, ``reorder_cache``, ``reset``, ``batch_*``). ``indexer_keys``
+    maps layer index -> [B, S, D_I] view.
+    """
+
+    def __init__(self, *args, capacity: int | None = None, growth: float = 1.25, **kwargs):
         super().__init__(*args, **kwargs)
-        self.indexer_keys: dict[int, torch.Tensor] = {}
+        self.capacity = capacity
+        self.growth = growth
+        if self.layer_class_to_replicate is not None:
+            self.layer_class_to_replicate = self._new_layer
+        self.layers = [self._convert(layer) for layer in self.layers]
+
+    def _new_layer(self) -> KeyeVL2CacheLayer:
+        return KeyeVL2CacheLayer(capacity=self.capacity, growth=self.growth)
+
+    def _convert(self, layer):
+        if isinstance(layer, KeyeVL2CacheLayer) or type(layer) not in (DynamicLayer, DynamicIndexedLayer):
+            return layer
+        new = self._new_layer()
+        if layer.is_initialized and layer.get_seq_length() > 0:
+            with torch.no_grad():
+                new.update(layer.keys, layer.values)
+                if getattr(layer, "indexer_keys", None) is not None and layer.indexer_keys.numel():
+                    new.update_indexer(layer.indexer_keys)
+        return new
+
+    def _layer(self, layer_idx: int) -> KeyeVL2CacheLayer:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer())
+        return self.layers[layer_idx]
 
     def update_indexer(self, indexer_keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Append ``indexer_keys`` [B, T, D_I] for ``layer_idx``; return all cached keys [B, S, D_I]."""
-        old = self.indexer_keys.get(layer_idx)
-        new = indexer_keys if old is None else torch.cat([old, indexer_keys], dim=1)
-        self.indexer_keys[layer_idx] = new
-        return new
+        return self._layer(layer_idx).update_indexer(indexer_keys)
 
-    def _sync_indexer(self, fn) -> None:
-        for i, t in list(self.indexer_keys.items()):
-            self.indexer_keys[i] = fn(t)
+    @property
+    def indexer_keys(self) -> dict[int, torch.Tensor]:
+        """Layer index -> cached indexer keys [B, S, D_I] (views)."""
+        return {i: l.indexer_keys for i, l in enumerate(self.layers) if getattr(l, "indexer_keys", None) is not None}
 
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        out = super().reorder_cache(beam_idx)
-        self._sync_indexer(lambda t: t.index_select(0, beam_idx.to(t.device)))
-        return out
+    def reserve(self, total_tokens: int) -> None:
+        """Size every layer (present and future) for ``total_tokens`` tokens, e.g. prompt + max_new_tokens."""
+        self.capacity = max(self.capacity or 0, int(total_tokens))
+        for layer in self.layers:
+            if isinstance(layer, KeyeVL2CacheLayer):
+                layer.reserve(total_tokens)
 
-    def crop(self, max_length: int):
-        out = super().crop(max_length)
-        length = self.get_seq_length()
-        self._sync_indexer(lambda t: t[:, :length])
-        return out
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop the last -n tokens; positive: keep the first n (older convention); 0: nothing."""
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
 
-    def batch_repeat_interleave(self, repeats: int):
-        out = super().batch_repeat_interleave(repeats)
-        self._sync_indexer(lambda t: t.repeat_interleave(repeats, dim=0))
-        return out
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        out = super().batch_select_indices(indices)
-        self._sync_indexer(lambda t: t[indices])
-        return out
-
-    def reset(self):
-        out = super().reset()
-        self.indexer_keys = {}
-        return out
+    def memory_bytes(self) -> dict[str, int]:
+        """Summed :meth:`KeyeVL2CacheLayer.memory_bytes` over the layers."""
+        total = {"kv_allocated": 0, "kv_used": 0, "indexer_allocated": 0, "indexer_used": 0}
+        for layer in self.layers:
+            if isinstance(layer, KeyeVL2CacheLayer):
+                for key, val in layer.memory_bytes().items():
+                    total[key] += val
+        return total
 
 
 def _with_cache(output: ModelOutput, cache: Cache | None) -> ModelOutput:
@@ -183,12 +396,25 @@ def output_cache(output: ModelOutput) -> Cache | None:
 
 
 def _update_indexer_cache(cache: Cache | None, indexer_keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
-    """Store this step's indexer keys in ``cache`` (any transformers Cache) and return the full history."""
+    """Store this step's indexer keys [B, T, D_I] in ``cache`` and return the full history [B, S, D_I].
+
+    A :class:`KeyeVL2Cache` (or any Cache whose layer has ``update_indexer``, e.g. transformers'
+    ``DynamicIndexedLayer``) keeps them in the layer, so crop / reorder / batch operations apply to them.
+    Any other Cache gets them beside it (same numbers; crop and reorder do not reach them).
+    """
     if cache is None:
         return indexer_keys
     if isinstance(cache, KeyeVL2Cache):
         return cache.update_indexer(indexer_keys, layer_idx)
-    # A plain Cache given by the user: keep the keys beside it (same semantics, without crop/reorder support).
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and hasattr(layers[layer_idx], "update_indexer"):
+        return layers[layer_idx].update_indexer(indexer_keys)
+    if not cache.__dict__.get("_keye_indexer_warned"):
+        cache.__dict__["_keye_indexer_warned"] = True
+        logger.warning(
+            f"{type(cache).__name__} has no indexer-key layers: the DSA indexer keys are kept beside it and are not "
+            "cropped or reordered with it; pass a KeyeVL2Cache for beam search or assisted decoding"
+        )
     store = cache.__dict__.setdefault("_keye_indexer_keys", {})
     old = store.get(layer_idx)
     store[layer_idx] = indexer_keys if old is None else torch.cat([old, indexer_keys], dim=1)
@@ -542,20 +768,96 @@ class KeyeVL2MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+_GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_GROUPED_MM_PROBES: dict[tuple[str, int | None, torch.dtype], str | None] = {}
+
+
+def _grouped_mm_fn():
+    """``F.grouped_mm`` (torch >= 2.10) or ``torch._grouped_mm`` (2.8 / 2.9), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: the grouped GEMM's backward rejects the
+    zero-stride (``sum().backward()``) and transposed gradients autograd may hand it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _mm_operand_problem(t: torch.Tensor) -> str | None:
+    """Why ``t`` (2-D or 3-D, unit stride in one of its last two dims) cannot be a grouped-GEMM operand."""
+    if t.data_ptr() % 16:
+        return "a base pointer not 16-byte aligned"
+    rows, cols = t.stride(-2), t.stride(-1)
+    lead = rows if cols == 1 else (cols if rows == 1 else None)
+    if lead is None:
+        return f"no unit stride in the last two dims (strides {tuple(t.stride())})"
+    if (lead * t.element_size()) % 16:
+        return f"a leading stride of {lead * t.element_size()} bytes (must be a multiple of 16)"
+    return None
+
+
+def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run a tiny grouped GEMM (forward + backward, an expert with no rows) once per (device, dtype);
+    the reason it failed, or None. Cached: later calls cost a dict lookup."""
+    key = (device.type, device.index, dtype)
+    if key not in _GROUPED_MM_PROBES:
+        fn = _grouped_mm_fn()
+        why = None
+        if fn is None:
+            why = "this torch has no grouped_mm"
+        else:
+            try:
+                with torch.inference_mode(False), torch.enable_grad():
+                    a = torch.ones(6, 8, device=device, dtype=dtype, requires_grad=True)
+                    b = torch.ones(3, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                    offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
+                    y = _ContiguousGrad.apply(fn(a, b, offs=offs))
+                    y.sum().backward()
+                ok = float(y.detach()[0, 0]) == 8.0 and float(a.grad[0, 0]) == 8.0 and float(b.grad[1].abs().sum()) == 0.0
+                why = None if ok else "wrong numbers in the probe"
+            except Exception as e:  # noqa: BLE001 - any failure means "do not use it here"
+                why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        _GROUPED_MM_PROBES[key] = why
+    return _GROUPED_MM_PROBES[key]
+
+
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x [N, K] (rows grouped by expert) @ w [E, K, M] per group, offs [E] int32 cumulative row ends."""
-    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
-    return fn(x.to(w.dtype).contiguous(), w, offs=offs)
+    """Per-expert GEMM over rows grouped by expert, without a host sync.
+
+    Args:
+        x: [R, K] rows sorted by expert: expert e owns rows ``offs[e-1]:offs[e]`` (``offs[-1]`` = R).
+        w: [E, K, M] expert weights (any strides with a unit stride in one of the last two dims).
+        offs: [E] int32 cumulative row ends, on x's device (equal neighbours = an expert with no rows).
+    Returns:
+        [R, M] in ``w.dtype`` (fp32 accumulation). Autograd-aware; the backward gets contiguous gradients.
+    """
+    y = _grouped_mm_fn()(x.to(w.dtype).contiguous(), w, offs=offs)
+    return _ContiguousGrad.apply(y) if y.requires_grad else y
 
 
 class KeyeVL2Experts(nn.Module):
     """Fused experts in the official transformers-4.57 layout (spec section 2):
     ``gate_up_proj`` [E, hidden, 2I] (gate = [..., :I], up = [..., I:]), ``down_proj`` [E, I, hidden].
 
-    Expert e computes ``down(silu(gate(x)) * up(x))``. Two implementations with the same numbers:
-    "eager" (a loop over the experts that received tokens) and "grouped_mm" (tokens sorted by expert, one
-    ``torch._grouped_mm`` per projection, no host synchronisation). The parameters are read inside
-    ``forward`` so PEFT's ``target_parameters`` LoRA applies.
+    Expert e computes ``down(silu(gate(x)) * up(x))``; the output is ``sum_j w[n, j] * expert_{idx[n, j]}(x[n])``.
+    ``config.moe_implementation`` picks:
+
+    - "eager": the reference, a loop over the experts that received tokens (one host sync for the list);
+    - "grouped_mm": the (token, slot) pairs sorted by expert, one grouped GEMM per projection
+      (``torch._grouped_mm``), offsets from ``searchsorted`` on the device: no host sync, no Python loop
+      over experts, deterministic (gathers, and sums over the k slots, never scatter-adds);
+    - "auto": "grouped_mm" where it runs (a once-per-device/dtype probe, 16-byte aligned weights and rows),
+      else "eager". On CPU the grouped GEMM needs 16-byte strides (hidden and I multiples of 4 fp32 / 8 bf16).
+
+    Both compute in the weights' dtype (the autocast dtype under autocast) with fp32 accumulation, and return
+    ``hidden_states.dtype``. Parameters are read inside ``forward``, so PEFT ``target_parameters`` LoRA applies.
     """
 
     def __init__(self, config: KeyeVL2Config):
@@ -568,53 +870,90 @@ class KeyeVL2Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, I, H))
         self.act_fn = ACT2FN[config.hidden_act]
 
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.gate_up_proj.dtype
+
+    def grouped_mm_problem(self, x: torch.Tensor) -> str | None:
+        """Why the grouped path cannot run for input ``x`` here, or None when it can."""
+        dtype = self._compute_dtype(x)
+        if dtype not in _GROUPED_MM_DTYPES:
+            return f"dtype {dtype} (grouped_mm takes {[str(d) for d in _GROUPED_MM_DTYPES]})"
+        es = torch.empty((), dtype=dtype).element_size()
+        H, I = self.gate_up_proj.shape[1], self.intermediate_size
+        if (H * es) % 16 or (I * es) % 16:
+            return f"hidden {H} / moe_intermediate {I} rows of {dtype} are not multiples of 16 bytes"
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            why = _mm_operand_problem(w if w.dtype == dtype else w.to(dtype))
+            if why:
+                return f"{name} has {why}"
+        return _grouped_mm_probe(x.device, dtype)
+
     def implementation(self, x: torch.Tensor) -> str:
+        """The implementation ``forward`` uses for input ``x``: "eager" or "grouped_mm"."""
         impl = self.config.moe_implementation
-        if impl == "auto":
-            return "grouped_mm" if x.is_cuda and hasattr(torch, "_grouped_mm") else "eager"
-        return impl
+        if impl == "eager":
+            return "eager"
+        why = self.grouped_mm_problem(x)
+        if impl == "grouped_mm" and why is not None:
+            raise ValueError(
+                f"moe_implementation='grouped_mm' cannot run on {x.device.type}: {why}; use 'auto' (falls back to "
+                "'eager') or 'eager'"
+            )
+        return "grouped_mm" if why is None else "eager"
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """
         Args:
-            hidden_states: [N, hidden]; top_k_index: [N, k] int64 expert ids; top_k_weights: [N, k] routing weights.
+            hidden_states: [N, hidden]; top_k_index: [N, k] int64 expert ids in [0, E); top_k_weights: [N, k]
+                routing weights.
         Returns:
             [N, hidden] in hidden_states.dtype: ``sum_j w[n, j] * expert_{idx[n, j]}(x[n])``.
         """
+        if hidden_states.shape[0] == 0:
+            return hidden_states.new_zeros(hidden_states.shape)
         if self.implementation(hidden_states) == "grouped_mm":
             return self._forward_grouped(hidden_states, top_k_index, top_k_weights)
         return self._forward_eager(hidden_states, top_k_index, top_k_weights)
 
     def _forward_eager(self, x, top_k_index, top_k_weights):
-        out = torch.zeros_like(x)
+        """Reference: loop over the experts that received tokens; fp32 accumulation over the k slots."""
+        dtype = self._compute_dtype(x)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         I = self.intermediate_size
-        gate_up, down = self.gate_up_proj, self.down_proj
         with torch.no_grad():
             hit = torch.unique(top_k_index).tolist()
         for e in hit:
             token_idx, slot = torch.where(top_k_index == e)
-            h = x[token_idx] @ gate_up[e].to(x.dtype)
+            h = x[token_idx].to(dtype) @ self.gate_up_proj[e].to(dtype)  # [n_e, 2I]
             h = self.act_fn(h[:, :I]) * h[:, I:]
-            y = (h @ down[e].to(x.dtype)) * top_k_weights[token_idx, slot, None].to(x.dtype)
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+            y = (h @ self.down_proj[e].to(dtype)) * top_k_weights[token_idx, slot, None].to(dtype)  # [n_e, hidden]
+            out.index_add_(0, token_idx, y.float())
+        return out.to(x.dtype)
 
     def _forward_grouped(self, x, top_k_index, top_k_weights):
+        """Sort the N*k (token, slot) pairs by expert, two grouped GEMMs, unsort, weighted sum over the k slots."""
         N, k = top_k_index.shape
-        flat_expert = top_k_index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)  # sort (token, slot) pairs by expert
-        token_idx = order // k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        offs = torch.cumsum(counts, 0).to(torch.int32)  # stays on device: no host sync
-        xs = x[token_idx]
-        h = _grouped_mm(xs, self.gate_up_proj, offs)
-        I = self.intermediate_size
-        h = self.act_fn(h[:, :I]) * h[:, I:]
-        y = _grouped_mm(h, self.down_proj, offs)
-        y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
-        out = torch.zeros(N, x.shape[-1], dtype=y.dtype, device=x.device)
-        out.index_add_(0, token_idx, y)
-        return out.to(x.dtype)
+        H, I, E = x.shape[-1], self.intermediate_size, self.num_experts
+        dtype = self._compute_dtype(x)
+        flat = top_k_index.reshape(-1)  # [N*k]
+        sorted_expert, order = torch.sort(flat, stable=True)  # order[r] = flat pair at sorted row r
+        experts = torch.arange(E, device=x.device, dtype=sorted_expert.dtype)
+        offs = torch.searchsorted(sorted_expert, experts, right=True, out_int32=True)  # [E] row ends, no sync
+        if torch.is_grad_enabled() and x.requires_grad:
+            # gather through a permutation: its backward is a scatter without collisions (deterministic)
+            xs = x.to(dtype)[:, None].expand(N, k, H).reshape(N * k, H).index_select(0, order)
+        else:
+            xs = x.to(dtype).index_select(0, order // k)  # [N*k, hidden]
+        h = _grouped_mm(xs, self.gate_up_proj.to(dtype), offs)  # [N*k, 2I]
+        h = self.act_fn(h[:, :I]) * h[:, I:]  # [N*k, I]
+        y = _grouped_mm(h, self.down_proj.to(dtype), offs)  # [N*k, hidden], sorted rows
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))
+        y = y.index_select(0, inv).view(N, k, H)  # back to (token, slot) order
+        out = torch.bmm(top_k_weights.to(dtype).reshape(N, 1, k), y)  # [N, 1, hidden], fp32 accumulation
+        return out.view(N, H).to(x.dtype)
 
 
 class KeyeVL2SparseMoeBlock(nn.Module):

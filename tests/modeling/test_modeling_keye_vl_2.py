@@ -181,6 +181,8 @@ def test_vision_tower_matches_transformers_paddleocr_vl():
     )
     ref = paddle.PaddleOCRVisionModel(pcfg).eval()
     ref.set_attn_implementation("eager")
+    # Keye interpolates with align_corners=False (spec section 5); PaddleOCR-VL's default changed across releases
+    ref.vision_model.embeddings.interpolation_align_corners = False
     sd = {k[len("visual."):]: v for k, v in model.state_dict().items() if k.startswith("visual.")}
     sd = {k: v for k, v in sd.items() if "packing_position" not in k}
     missing, unexpected = ref.load_state_dict(sd, strict=False)

@@ -7,6 +7,7 @@ after the inputs were built, and the wall time of each step, as JSON.
 
     python benchmarks/dsa_reference_memory.py                 # S = T = 32768, bf16 inputs
     python benchmarks/dsa_reference_memory.py --seq 8192 --dtype float32 --out result.json
+    python benchmarks/dsa_reference_memory.py --threads 1   # on a shared/oversubscribed CPU
 
 For scale: one [S, S] fp32 buffer at S = 32768 is 4 GiB.
 """
@@ -33,6 +34,8 @@ def _child(args) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
     from keye_dsa_reference import dsa_topk_indices, sparse_attention
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     B, T, S = 1, args.seq, args.seq
@@ -78,6 +81,7 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -85,7 +89,7 @@ def main() -> None:
         _child(args)
         return
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--seq", str(args.seq), "--topk", str(args.topk),
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, "--threads", str(args.threads)]
     if args.chunk_size is not None:
         cmd += ["--chunk-size", str(args.chunk_size)]
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -1260,43 +1260,51 @@ def get_rope_index(
     for b in range(B):
         valid = torch.nonzero(am[b]).flatten()
         ids = ids_cpu[b, valid]
-        out = torch.empty(3, ids.numel(), dtype=torch.long)
-        seg_b = seg[b, valid] if seg is not None else None
-        i, nxt, n = 0, 0, ids.numel()
-        while i < n:
-            if seg_b is not None and i > 0 and seg_b[i] != seg_b[i - 1]:
+        n = ids.numel()
+        out = torch.empty(3, n, dtype=torch.long)
+        # runs of one kind (0 text, 1 image pads, 2 video pads) inside one packed segment, processed run by run
+        kind = (ids == image_token_id).long() + 2 * (ids == video_token_id).long()
+        brk = torch.zeros(n, dtype=torch.bool)
+        if n:
+            brk[0] = True
+            brk[1:] = kind[1:] != kind[:-1]
+            if seg is not None:
+                seg_b = seg[b, valid]
+                new_seg = torch.zeros(n, dtype=torch.bool)
+                new_seg[1:] = seg_b[1:] != seg_b[:-1]
+                brk |= new_seg
+        starts = torch.nonzero(brk).flatten().tolist()
+        ends = starts[1:] + [n]
+        nxt = 0
+        for i, j in zip(starts, ends):
+            if seg is not None and i > 0 and bool(seg_b[i] != seg_b[i - 1]):
                 nxt = 0  # new packed sample
-            tok = int(ids[i])
-            if tok in (image_token_id, video_token_id):
-                j = i
-                while j < n and int(ids[j]) == tok and (seg_b is None or seg_b[j] == seg_b[i]):
-                    j += 1
-                if tok == image_token_id:
-                    if img_i >= len(images):
-                        raise ValueError(f"more <|image_pad|> runs in input_ids than images in image_grid_thw ({len(images)})")
-                    t, h, w = images[img_i]
-                    img_i += 1
-                else:
-                    if frm_i >= len(frames):
-                        raise ValueError(f"more <|video_pad|> runs in input_ids than video frames in video_grid_thw ({len(frames)})")
-                    t, h, w = frames[frm_i]
-                    frm_i += 1
-                gh, gw = h // m, w // m
-                if j - i != t * gh * gw:
-                    raise ValueError(
-                        f"a run of {j - i} vision placeholder tokens at position {int(valid[i])} does not match its grid "
-                        f"(t={t}, h={h}, w={w}) -> {t * gh * gw} tokens"
-                    )
-                tt = torch.arange(t).repeat_interleave(gh * gw)
-                hh = torch.arange(gh).repeat_interleave(gw).repeat(t)
-                ww = torch.arange(gw).repeat(gh * t)
-                out[:, i:j] = torch.stack([tt, hh, ww]) + nxt
-                nxt = int(out[:, i:j].max()) + 1
-                i = j
+            k = int(kind[i])
+            if k == 0:
+                out[:, i:j] = torch.arange(nxt, nxt + j - i)
+                nxt += j - i
+                continue
+            if k == 1:
+                if img_i >= len(images):
+                    raise ValueError(f"more <|image_pad|> runs in input_ids than images in image_grid_thw ({len(images)})")
+                t, h, w = images[img_i]
+                img_i += 1
             else:
-                out[:, i] = nxt
-                nxt += 1
-                i += 1
+                if frm_i >= len(frames):
+                    raise ValueError(f"more <|video_pad|> runs in input_ids than video frames in video_grid_thw ({len(frames)})")
+                t, h, w = frames[frm_i]
+                frm_i += 1
+            gh, gw = h // m, w // m
+            if j - i != t * gh * gw:
+                raise ValueError(
+                    f"a run of {j - i} vision placeholder tokens at position {int(valid[i])} does not match its grid "
+                    f"(t={t}, h={h}, w={w}) -> {t * gh * gw} tokens"
+                )
+            tt = torch.arange(t).repeat_interleave(gh * gw)
+            hh = torch.arange(gh).repeat_interleave(gw).repeat(t)
+            ww = torch.arange(gw).repeat(gh * t)
+            out[:, i:j] = torch.stack([tt, hh, ww]) + nxt
+            nxt += max(t, gh, gw)
         pos[:, b, valid] = out
         deltas[b, 0] = (int(out.max()) + 1 if n else 0) - L
     return pos.to(input_ids.device), deltas.to(input_ids.device)

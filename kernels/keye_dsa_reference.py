@@ -13,6 +13,7 @@ This file is copied flat into Hub checkpoints: it imports only torch, math and t
 """
 
 import math
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -36,6 +37,11 @@ _CHUNK_BYTES = 16 * 2**20
 # Indexer score tiles: 64 queries x as many keys as keep the [64 * H_I, keys] ReLU tile at 2M floats.
 _TILE_Q = 64
 _TILE_FLOATS = 2 * 2**20
+# On an accelerator (the reference run beside the Triton kernels) launches, not page faults, dominate:
+# larger chunks and tiles. Results do not depend on either.
+_CHUNK_BYTES_ACCEL = 512 * 2**20
+_TILE_Q_ACCEL = 1024
+_TILE_FLOATS_ACCEL = 64 * 2**20
 
 _NEG_INF = float("-inf")
 
@@ -65,9 +71,21 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-def _check_chunk_size(chunk_size: Optional[int]) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+def _as_int(name: str, x, minimum: int) -> int:
+    """int(x) for ints and int-like scalars (numpy ints, 0-dim integer tensors); not bools or floats."""
+    try:
+        if isinstance(x, bool):
+            raise TypeError
+        v = operator.index(x)
+    except TypeError:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {x!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v}")
+    return v
+
+
+def _check_chunk_size(chunk_size) -> Optional[int]:
+    return None if chunk_size is None else _as_int("chunk_size", chunk_size, 1)
 
 
 def _check_indexer_inputs(q: Tensor, w: Tensor, k: Tensor) -> Tuple[int, int, int, int, int]:
@@ -152,10 +170,11 @@ def _check_indices_chunk(idx: Tensor, S: int) -> Tensor:
     return idx
 
 
-def _chunk_len(chunk_size: Optional[int], T: int, bytes_per_query: int) -> int:
+def _chunk_len(chunk_size: Optional[int], T: int, bytes_per_query: int, device: torch.device) -> int:
     if chunk_size is not None:
         return chunk_size
-    return max(1, min(max(T, 1), _CHUNK_BYTES // max(1, bytes_per_query)))
+    budget = _CHUNK_BYTES if device.type == "cpu" else _CHUNK_BYTES_ACCEL
+    return max(1, min(max(T, 1), budget // max(1, bytes_per_query)))
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -271,8 +290,9 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
     S_c = k_c.shape[1]
     grad = _needs_grad(q_c, w_c, k_c)
     ws_all = w_c * (D ** -0.5)
-    tq = max(1, min(Tc, _TILE_Q))
-    ts = max(64, _TILE_FLOATS // max(1, B * tq * H))
+    cpu = q_c.device.type == "cpu"
+    tq = max(1, min(Tc, _TILE_Q if cpu else _TILE_Q_ACCEL))
+    ts = max(64, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H))
     out = None if grad else torch.zeros((B, Tc, S_c), dtype=q_c.dtype, device=q_c.device)
     rows = []
     for a in range(0, Tc, tq):
@@ -325,7 +345,7 @@ def dsa_indexer_scores(q: Tensor, w: Tensor, k: Tensor, *, q_offset: Union[int, 
     off = _q_offsets(q_offset, B, T, S, q.device)
     cd = _compute_dtype(q, w, k)
     kf = k.to(cd)
-    chunk = _chunk_len(None, T, _elt(cd) * B * max(S, 1))
+    chunk = _chunk_len(None, T, _elt(cd) * B * max(S, 1), q.device)
     outs = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -399,9 +419,8 @@ def dsa_topk_indices(q: Tensor, w: Tensor, k: Tensor, topk: int, *, q_offset: Un
         ValueError: wrong shapes/dtypes, D_I not a power of two, topk < 1, chunk_size < 1, bad q_offset.
     """
     B, T, H, D, S = _check_indexer_inputs(q, w, k)
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
-    _check_chunk_size(chunk_size)
+    topk = _as_int("topk", topk, 1)
+    chunk_size = _check_chunk_size(chunk_size)
     _check_masks(key_mask, segment_ids, B, S)
     off = _q_offsets(q_offset, B, T, S, q.device)
     out = torch.full((B, T, topk), -1, dtype=torch.long, device=q.device)
@@ -409,7 +428,7 @@ def dsa_topk_indices(q: Tensor, w: Tensor, k: Tensor, topk: int, *, q_offset: Un
         return out
     cd = _compute_dtype(q, w, k)
     max_off = int(off.max())
-    chunk = _chunk_len(chunk_size, T, _elt(cd) * B * max(S, 1))
+    chunk = _chunk_len(chunk_size, T, _elt(cd) * B * max(S, 1), q.device)
     with torch.no_grad():
         kf = k.to(cd)
         for t0 in range(0, T, chunk):
@@ -499,7 +518,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, scalin
     K = indices.shape[-1]
     grad = _needs_grad(q, k, v)
     k_flat, v_flat = _heads_flat(k, cd), _heads_flat(v, cd)
-    chunk = _chunk_len(None, T, _elt(cd) * B * K * Hkv * max(D, Dv))
+    chunk = _chunk_len(None, T, _elt(cd) * B * K * Hkv * max(D, Dv), q.device)
     out = q.new_empty((B, T, Hq, Dv))
     lse = torch.empty((B, T, Hq), dtype=cd, device=q.device)
     outs, lses = [], []
@@ -628,7 +647,7 @@ def indexer_kl_loss(attn_q: Tensor, attn_k: Tensor, scaling: float, q: Tensor, w
         raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv}) (GQA)")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    _check_chunk_size(chunk_size)
+    chunk_size = _check_chunk_size(chunk_size)
     _check_masks(key_mask, segment_ids, B, S)
     if indices is not None:
         _check_indices_tensor(indices, B, T)
@@ -640,12 +659,12 @@ def indexer_kl_loss(attn_q: Tensor, attn_k: Tensor, scaling: float, q: Tensor, w
     attn_q, attn_k = attn_q.detach(), attn_k.detach()
 
     if indices is None:
-        chunk = _chunk_len(chunk_size, T, _elt(cd) * B * max(S, 1))
+        chunk = _chunk_len(chunk_size, T, _elt(cd) * B * max(S, 1), q.device)
     else:
         if indices.shape[-1] == 0:
             indices = indices.new_full((B, T, 1), -1)
         Kn = indices.shape[-1]
-        chunk = _chunk_len(chunk_size, T, _elt(cd) * B * Kn * max(Hkv * Da, H * D))
+        chunk = _chunk_len(chunk_size, T, _elt(cd) * B * Kn * max(Hkv * Da, H * D), q.device)
         ak_flat = _heads_flat(attn_k, cd)
         k_flat = k.to(cd).reshape(B * S, D)
 

@@ -17,7 +17,6 @@ import operator
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -32,7 +31,7 @@ __all__ = [
 # Size of the largest single buffer of one query chunk, in bytes: [B, chunk, S] scores for the top-k
 # and the dense KL, the gathered keys [B, Hkv, chunk, K, D] for the sparse attention. Kept small on
 # purpose: glibc serves buffers of this size from its heap, while larger ones are fresh mmaps whose page
-# faults cost more than the arithmetic on CPU (measured: 3-4x slower sparse attention at 64 MiB).
+# faults cost more than the arithmetic on CPU (measured: sparse attention 2-3x slower at 64 MiB).
 _CHUNK_BYTES = 16 * 2**20
 # Indexer score tiles: 64 queries x as many keys as keep the [64 * H_I, keys] ReLU tile at 2M floats.
 _TILE_Q = 64
@@ -122,7 +121,8 @@ def _q_offsets(q_offset, B: int, T: int, S: int, device) -> Tensor:
     else:
         raise ValueError(f"q_offset must be None, an int or a LongTensor [B], got {type(q_offset).__name__}")
     if B > 0 and (bool((off < 0).any()) or bool((off + T > S).any())):
-        raise ValueError(f"q_offset must satisfy 0 <= q_offset and q_offset + T <= S (T={T}, S={S}), got {off.tolist()}")
+        raise ValueError(f"q_offset must satisfy 0 <= q_offset and q_offset + T <= S (T={T}, S={S}), "
+                         f"got {off.tolist()}")
     return off
 
 
@@ -213,7 +213,10 @@ def _heads_flat(x: Tensor, cd: torch.dtype) -> Tensor:
 
 
 def _gather_heads(x_flat: Tensor, idx_safe: Tensor, S: int, Hkv: int) -> Tensor:
-    """Gather listed keys of every kv head: x_flat from _heads_flat, idx_safe [B, Tc, K] >= 0 -> [B, Hkv, Tc, K, D]."""
+    """Gather the listed keys of every kv head.
+
+    x_flat from _heads_flat; idx_safe [B, Tc, K] >= 0. Returns [B, Hkv, Tc, K, D].
+    """
     B, Tc, K = idx_safe.shape
     base = torch.arange(B * Hkv, device=idx_safe.device).view(B, Hkv, 1, 1) * S
     rows = x_flat.index_select(0, (idx_safe.unsqueeze(1) + base).reshape(-1))

@@ -295,7 +295,7 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
     ws_all = w_c * (D ** -0.5)
     cpu = q_c.device.type == "cpu"
     tq = max(1, min(Tc, _TILE_Q if cpu else _TILE_Q_ACCEL))
-    ts = max(64, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H))
+    ts = max(16, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H))
     out = None if grad else torch.zeros((B, Tc, S_c), dtype=q_c.dtype, device=q_c.device)
     rows = []
     for a in range(0, Tc, tq):
@@ -530,7 +530,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, scalin
         idx = _check_indices_chunk(indices[:, t0:t1], S)
         if grad:
             o_c, l_c = checkpoint(_sparse_attention_chunk, q[:, t0:t1], k_flat, v_flat, idx, S, Hkv, scaling,
-                                  use_reentrant=False)
+                                  use_reentrant=False, preserve_rng_state=False)
             outs.append(o_c.to(q.dtype))
             lses.append(l_c)
         else:
@@ -688,7 +688,7 @@ def indexer_kl_loss(attn_q: Tensor, attn_k: Tensor, scaling: float, q: Tensor, w
                     key_mask, segment_ids, S, Hkv, scaling)
             fn = _kl_sparse_chunk
             count += int(_allowed_at(idx, pos_q, key_mask, segment_ids).any(dim=-1).sum())
-        part = checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+        part = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False) if grad else fn(*args)
         total = total + part
     if reduction == "mean":
         total = total / max(count, 1)

@@ -339,6 +339,30 @@ def test_chunk_size_gives_identical_indices(chunk_size):
     assert torch.equal(dsa_topk_indices(q, w, k, 11, key_mask=key_mask, chunk_size=chunk_size), ref)
 
 
+def test_tiny_internal_chunks_change_nothing(monkeypatch):
+    """One query per chunk and the smallest score tiles everywhere (sparse attention has no chunk_size
+    argument): same indices, same outputs and gradients, same losses."""
+    import keye_vl.kernels.keye_dsa_reference as ref
+
+    B, T, S = 2, 19, 26
+    q, w, k = rand_indexer(B, T, S, seed=25)
+    aq, ak, av = (x.requires_grad_() for x in rand_attn(B, T, S, seed=26))
+
+    def run():
+        idx = dsa_topk_indices(q, w, k, 6)
+        out = sparse_attention(aq, ak, av, idx, scaling=0.4)
+        grads = torch.autograd.grad(out.pow(2).sum(), (aq, ak, av))
+        kls = [indexer_kl_loss(aq, ak, 0.4, q, w, k), indexer_kl_loss(aq, ak, 0.4, q, w, k, indices=idx)]
+        return [idx, out, *grads, *kls]
+
+    default = run()
+    monkeypatch.setattr(ref, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(ref, "_TILE_Q", 1)
+    monkeypatch.setattr(ref, "_TILE_FLOATS", 1)
+    for a, b in zip(default, run()):
+        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, atol=1e-12)
+
+
 def test_q_offset_suffix_chunked_prefill_and_decode():
     """[10] queries that are a suffix of the keys (the indexer sees the whole history) == the same rows of
     the one-shot computation: chunked prefill (several splits) and one-token decode."""
@@ -543,7 +567,12 @@ def test_kl_sparse_with_all_keys_equals_dense_and_chunking():
     for cs in (1, 3, 5, 100):
         assert torch.allclose(indexer_kl_loss(aq, ak, 0.5, q, w, k, chunk_size=cs), dense, atol=1e-12)
         assert torch.allclose(indexer_kl_loss(aq, ak, 0.5, q, w, k, indices=idx, chunk_size=cs), dense, atol=1e-12)
-    # q_offset: a suffix of queries == mean over those rows of the full loss ("sum" compares directly)
+    # explicit q_offset over the full key set == the matching rows' share of the full "sum"
+    rows = [indexer_kl_loss(aq[:, t:t + 1], ak[:, :t + 1], 0.5, q[:, t:t + 1], w[:, t:t + 1], k[:, :t + 1],
+                            reduction="sum") for t in range(T)]
+    part = indexer_kl_loss(aq[:, 4:9], ak, 0.5, q[:, 4:9], w[:, 4:9], k, q_offset=4, reduction="sum")
+    assert torch.allclose(part, sum(rows[4:9]), atol=1e-12)
+    # decode-style rows (queries the last keys of a growing history) add up to the one-shot "sum"
     full = sum(indexer_kl_loss(aq[:, t:t + 1], ak[:, :t + 1], 0.5, q[:, t:t + 1], w[:, t:t + 1], k[:, :t + 1],
                                reduction="sum") for t in range(T))
     assert torch.allclose(full, indexer_kl_loss(aq, ak, 0.5, q, w, k, reduction="sum"), atol=1e-12)

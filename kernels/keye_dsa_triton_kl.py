@@ -19,13 +19,41 @@ Cost: dense warm-up recomputes the main QK^T twice (lse, then p): use it at trai
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .keye_dsa_triton import HAS_TRITON, _check_triton, _interpreting, _next_pow2, _q_offsets
+from .keye_dsa_reference import _q_offsets
 
-if HAS_TRITON:
+try:
     import triton
     import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # fixed at import, as triton.jit's choice
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _check_triton(*tensors) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("keye_dsa_triton needs the `triton` package; install it or use keye_dsa_reference")
+    for x in tensors:
+        if x is not None and x.device.type != "cuda" and not _INTERPRET:
+            raise RuntimeError(
+                f"keye_dsa_triton kernels run on CUDA tensors (got {x.device}); move the inputs to the GPU, "
+                "use keye_dsa_reference on CPU, or set TRITON_INTERPRET=1 before importing triton (slow, tests only)"
+            )
+
+
+if HAS_TRITON:
 
     @triton.jit
     def _kl_keys(idx_row, j0, K, S, pos, km_row, seg_row, qseg,
@@ -44,7 +72,7 @@ if HAS_TRITON:
             valid = valid & (tl.load(seg_row + ixs, mask=valid, other=-2) == qseg)
         return tl.where(valid, ixs, 0), valid
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "S", "K"])
     def _kl_main_lse_kernel(
         aq_ptr, ak_ptr, idx_ptr, km_ptr, seg_ptr, qoff_ptr, lse_ptr,
         T, S, K, HKV, scale_log2,
@@ -95,7 +123,7 @@ if HAS_TRITON:
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + b * slb + t * slt + hq, lse, mask=rmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "S", "K"])
     def _kl_token_kernel(
         aq_ptr, ak_ptr, q_ptr, w_ptr, k_ptr, idx_ptr, km_ptr, seg_ptr, qoff_ptr, lse_ptr,
         kl_ptr, cnt_ptr, dq_ptr, dw_ptr, dk_ptr,
@@ -205,7 +233,7 @@ def _kl_forward(attn_q, attn_k, scaling, q, w, k, indices, qo, km, seg, grad):
     HI, DI = q.shape[2], q.shape[3]
     G = Hq // Hkv
     dev = q.device
-    interp = _interpreting()
+    interp = _INTERPRET
     sparse = indices is not None
     K = indices.shape[2] if sparse else 0
     idx = indices if sparse else qo  # placeholder pointer when dense

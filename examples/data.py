@@ -1,0 +1,369 @@
+"""Data pipeline of ``examples/pretrain.py``: JSONL conversations -> encoded samples -> packed micro-batches.
+
+Three pieces, each usable alone:
+
+- :class:`SampleEncoder` turns one JSONL record into token ids, labels and vision tensors with the Keye-VL-2.0
+  processor. A record is either ``{"messages": [...]}`` (the qwen-vl-utils message format: text, images,
+  videos, local paths relative to the JSONL file) or ``{"text": "..."}`` (plain text pretraining). Labels
+  keep the assistant turns only (``loss_on="assistant"``: from after ``<|im_start|>assistant\\n`` through
+  ``<|im_end|>``), or every token (``loss_on="all"``).
+- :class:`PackedStream` streams the file (never loads it whole), keeps every ``world_size``-th line for this
+  rank, and packs whole samples greedily into sequences of at most ``max_len`` tokens. It cycles over the file
+  (epochs) forever; training stops by step count. Its position is a small :class:`StreamState` (epoch, byte
+  offset and line number of the first sample of the next pack), saved with each checkpoint, so a resumed
+  run reads exactly the packs an uninterrupted run would have read.
+- :func:`collate_packs` builds a model batch from packs: ``input_ids``/``labels``/``attention_mask``
+  ``[B, L]``, ``segment_ids`` ``[B, L]`` (sample index inside its pack: attention and M-RoPE positions restart
+  per sample in the model), and the concatenated ``pixel_values`` / ``image_grid_thw`` /
+  ``pixel_values_videos`` / ``video_grid_thw``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processor
+# ---------------------------------------------------------------------------------------------------------
+def load_processor(name_or_path: str | None = None):
+    """The Keye-VL-2.0 processor: from a saved folder / Hub id (``AutoProcessor``), else the package default.
+
+    Raises:
+        ImportError: when ``keye_vl.processing`` has no ``KeyeVL2Processor`` and no path was given.
+    """
+    if name_or_path:
+        from transformers import AutoProcessor
+
+        try:
+            import keye_vl.processing  # noqa: F401  (registers the classes in-process when installed)
+        except ImportError:
+            pass
+        return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
+    try:
+        from keye_vl.processing import build_keye_processor
+    except ImportError as e:
+        raise ImportError(
+            "keye_vl.processing.build_keye_processor is not available; pass --processor_name_or_path (a folder "
+            "saved with the processor) or install the package with its processing module"
+        ) from e
+    return build_keye_processor()
+
+
+def _process_vision_info_fn():
+    from keye_vl.processing import process_vision_info
+
+    return process_vision_info
+
+
+def _is_local_path(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    return "://" not in value and not value.startswith("data:")
+
+
+def resolve_media_paths(messages: list[dict], base_dir: str) -> list[dict]:
+    """Copy of ``messages`` with relative local image/video paths made absolute against ``base_dir``."""
+    out = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                item = dict(item)
+                for key in ("image", "video"):
+                    v = item.get(key)
+                    if _is_local_path(v) and not os.path.isabs(v):
+                        item[key] = os.path.normpath(os.path.join(base_dir, v))
+                    elif isinstance(v, list):  # a video given as a list of frame paths
+                        item[key] = [
+                            os.path.normpath(os.path.join(base_dir, f)) if _is_local_path(f) and not os.path.isabs(f) else f
+                            for f in v
+                        ]
+                items.append(item)
+            msg = {**msg, "content": items}
+        out.append(msg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One record -> one sample
+# ---------------------------------------------------------------------------------------------------------
+class SampleEncoder:
+    """Encode one JSONL record into a training sample.
+
+    Args:
+        processor: a Keye-VL-2.0 processor (``apply_chat_template``, ``__call__`` returning ``input_ids`` and the
+            vision tensors, ``.tokenizer``).
+        loss_on: "assistant" (labels on assistant turns only) or "all" (every token; plain-text pretraining).
+        base_dir: folder that relative media paths are resolved against (the JSONL's folder).
+        process_vision_info: ``messages -> (images, videos, video_kwargs)``; default ``keye_vl.processing``'s.
+
+    Returns (``__call__``): dict with ``input_ids`` [L] int64, ``labels`` [L] int64 (-100 = no loss) and, when
+    present, ``pixel_values`` [N, 588], ``image_grid_thw`` [n, 3], ``pixel_values_videos``, ``video_grid_thw``.
+    """
+
+    def __init__(self, processor, loss_on: str = "assistant", base_dir: str = ".",
+                 process_vision_info: Callable | None = None):
+        if loss_on not in ("assistant", "all"):
+            raise ValueError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
+        self.processor = processor
+        self.loss_on = loss_on
+        self.base_dir = base_dir
+        self._pvi = process_vision_info
+        tok = processor.tokenizer
+        self.im_start = tok.convert_tokens_to_ids("<|im_start|>")
+        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self.assistant_header = tok.encode("assistant\n", add_special_tokens=False)
+        self.eos_id = self.im_end
+
+    def __call__(self, record: dict) -> dict[str, torch.Tensor]:
+        if "messages" in record:
+            return self.encode_messages(record["messages"])
+        if "text" in record:
+            return self.encode_text(record["text"])
+        raise ValueError(f"a record needs 'messages' (chat) or 'text' (plain text); got keys {sorted(record)}")
+
+    def encode_text(self, text: str) -> dict[str, torch.Tensor]:
+        """Plain text: token ids + ``<|im_end|>`` (end of document); every token is a label."""
+        ids = self.processor.tokenizer.encode(text, add_special_tokens=False) + [self.eos_id]
+        ids = torch.tensor(ids, dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def encode_messages(self, messages: list[dict]) -> dict[str, torch.Tensor]:
+        messages = resolve_media_paths(messages, self.base_dir)
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        pvi = self._pvi or _process_vision_info_fn()
+        result = pvi(messages)
+        images, videos = result[0], result[1]
+        video_kwargs = result[2] if len(result) > 2 and result[2] else {}
+        if not videos:
+            video_kwargs = {}
+        enc = self.processor(text=[text], images=images, videos=videos, return_tensors="pt", **video_kwargs)
+        ids = enc["input_ids"][0].long()
+        sample = {"input_ids": ids, "labels": self.make_labels(ids)}
+        for key in VISION_KEYS:
+            v = enc.get(key) if hasattr(enc, "get") else None
+            if v is not None:
+                sample[key] = v
+        return sample
+
+    def make_labels(self, ids: torch.Tensor) -> torch.Tensor:
+        """Labels for ``ids``: assistant spans (after ``<|im_start|>assistant\\n`` through ``<|im_end|>``) or all."""
+        if self.loss_on == "all":
+            return ids.clone()
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        seq = ids.tolist()
+        hdr = [self.im_start] + list(self.assistant_header)
+        i, n = 0, len(seq)
+        while i < n:
+            if seq[i: i + len(hdr)] == hdr:
+                start = i + len(hdr)
+                end = start
+                while end < n and seq[end] != self.im_end:
+                    end += 1
+                end = min(end + 1, n)  # the <|im_end|> is learned too (the model must stop)
+                labels[start:end] = ids[start:end]
+                i = end
+            else:
+                i += 1
+        return labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming + packing
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class StreamState:
+    """Position of a :class:`PackedStream`: the first sample of the next pack is at line ``line`` (0-based),
+    byte ``offset`` of the file, in epoch ``epoch``."""
+
+    epoch: int = 0
+    offset: int = 0
+    line: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "StreamState":
+        return cls(**d) if d else cls()
+
+
+class PackedStream:
+    """Stream packs of whole samples from a JSONL file, for one rank.
+
+    Args:
+        path: JSONL file (one record per line; blank lines skipped).
+        encode: ``record -> sample`` (a :class:`SampleEncoder`).
+        max_len: tokens per pack (the stage's context length). A sample longer than this is skipped with a
+            warning (cutting it would cut through an image or an assistant turn).
+        pack: False -> one sample per pack.
+        rank, world_size: this rank keeps lines ``line % world_size == rank``.
+        state: where to start (a resumed run passes the saved state).
+        cache_size: keep up to this many encoded samples in memory (LRU), so later epochs skip decoding media.
+
+    Iterating yields ``(pack, state_after)``: ``pack`` a list of samples, ``state_after`` the position of the
+    next pack's first sample. Raises ValueError if the file gives this rank no usable sample in a whole epoch.
+    """
+
+    def __init__(self, path: str, encode: Callable[[dict], dict], max_len: int, pack: bool = True,
+                 rank: int = 0, world_size: int = 1, state: StreamState | None = None, cache_size: int = 0):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"train file not found: {path}")
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        self.path, self.encode, self.max_len, self.pack = path, encode, int(max_len), pack
+        self.rank, self.world_size = rank, world_size
+        self.state = state or StreamState()
+        self.cache_size = int(cache_size)
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self.skipped = 0
+
+    def _encode_cached(self, offset: int, raw: bytes) -> dict:
+        if self.cache_size and offset in self._cache:
+            self._cache.move_to_end(offset)
+            return self._cache[offset]
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path}: line at byte {offset} is not valid JSON: {e}") from e
+        sample = self.encode(record)
+        if self.cache_size:
+            self._cache[offset] = sample
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return sample
+
+    def _samples(self, start: StreamState) -> Iterator[tuple[dict, StreamState]]:
+        """Yield (sample, position of that sample) for this rank, forever."""
+        epoch, offset, line = start.epoch, start.offset, start.line
+        while True:
+            from_start, produced = offset == 0, False
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                while True:
+                    raw = f.readline()
+                    if not raw:
+                        break
+                    here = StreamState(epoch, offset, line)
+                    offset += len(raw)
+                    line += 1
+                    if here.line % self.world_size != self.rank or not raw.strip():
+                        continue
+                    sample = self._encode_cached(here.offset, raw)
+                    n = int(sample["input_ids"].numel())
+                    if n > self.max_len:
+                        self.skipped += 1
+                        logger.warning("skipping line %d of %s: %d tokens > max_len %d", here.line + 1, self.path, n, self.max_len)
+                        continue
+                    produced = True
+                    yield sample, here
+            if not produced and from_start:
+                raise ValueError(
+                    f"{self.path} gives rank {self.rank} of {self.world_size} no sample of at most {self.max_len} "
+                    "tokens: add data, raise max_len or use fewer processes"
+                )
+            epoch, offset, line = epoch + 1, 0, 0
+
+    def __iter__(self) -> Iterator[tuple[list[dict], StreamState]]:
+        cur: list[dict] = []
+        used = 0
+        for sample, pos in self._samples(self.state):
+            n = int(sample["input_ids"].numel())
+            if cur and (not self.pack or used + n > self.max_len):
+                self.state = pos
+                yield cur, pos
+                cur, used = [], 0
+            cur.append(sample)
+            used += n
+
+
+def _dummy_image(config) -> dict:
+    """A 3-token sample ``<|vision_start|><|image_pad|><|vision_end|>`` with one blank 28 x 28 image (no labels).
+
+    Appended by :func:`collate_packs` (``ensure_vision``) so that every rank runs the vision tower in every
+    micro-batch: FSDP / DDP need the same parameters to get gradients on all ranks.
+    """
+    vc = config.vision_config
+    m = vc.spatial_merge_size
+    patch = vc.num_channels * vc.patch_size**2
+    ids = torch.tensor([config.vision_start_token_id, config.image_token_id, config.vision_end_token_id])
+    return {
+        "input_ids": ids,
+        "labels": torch.full_like(ids, IGNORE_INDEX),
+        "pixel_values": torch.zeros(m * m, patch),
+        "image_grid_thw": torch.tensor([[1, m, m]]),
+    }
+
+
+def collate_packs(packs: list[list[dict]], pad_token_id: int, ensure_vision_config=None) -> dict[str, torch.Tensor]:
+    """Packs -> a model batch (right padding to the longest pack).
+
+    Returns ``input_ids``, ``labels`` (the first token of every sample is -100, so no sample learns from its
+    predecessor), ``attention_mask`` (0 = padding), ``segment_ids`` (sample index in the pack; the padding of a
+    row is one more segment of its own, so the model needs no ``attention_mask``) and the vision tensors
+    concatenated in order (omitted when absent). ``ensure_vision_config``: a
+    model config; when given and the batch has no image and no video, a blank 1-token image is appended (see
+    :func:`_dummy_image`).
+    """
+    if ensure_vision_config is not None and not any(
+        s.get("pixel_values") is not None or s.get("pixel_values_videos") is not None for p in packs for s in p
+    ):
+        packs = [list(p) for p in packs]
+        packs[-1].append(_dummy_image(ensure_vision_config))
+    lens = [sum(int(s["input_ids"].numel()) for s in p) for p in packs]
+    L = max(lens)
+    B = len(packs)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    segment_ids = torch.zeros((B, L), dtype=torch.long)
+    vision: dict[str, list] = {k: [] for k in VISION_KEYS}
+    for b, pack in enumerate(packs):
+        pos = 0
+        for i, s in enumerate(pack):
+            n = int(s["input_ids"].numel())
+            input_ids[b, pos: pos + n] = s["input_ids"]
+            labels[b, pos: pos + n] = s["labels"]
+            labels[b, pos] = IGNORE_INDEX
+            attention_mask[b, pos: pos + n] = 1
+            segment_ids[b, pos: pos + n] = i
+            pos += n
+            for k in VISION_KEYS:
+                if s.get(k) is not None:
+                    vision[k].append(s[k])
+        segment_ids[b, pos:] = len(pack)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "segment_ids": segment_ids}
+    for k, v in vision.items():
+        if v:
+            batch[k] = torch.cat(v, dim=0)
+    return batch
+
+
+class BatchStream:
+    """Micro-batches of ``batch_size`` packs: yields ``(batch, state_after)`` (state after the last pack)."""
+
+    def __init__(self, stream: PackedStream, batch_size: int, pad_token_id: int, ensure_vision_config=None):
+        self.stream, self.batch_size = stream, int(batch_size)
+        self.pad_token_id, self.ensure_vision_config = pad_token_id, ensure_vision_config
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], StreamState]]:
+        buf = []
+        for pack, state in self.stream:
+            buf.append(pack)
+            if len(buf) == self.batch_size:
+                yield collate_packs(buf, self.pad_token_id, self.ensure_vision_config), state
+                buf = []

@@ -3,7 +3,9 @@
 One layer of Keye-VL-2.0 with full-size head shapes: main attention q [B, T, 32, 128], k/v [B, S, 4, 128];
 indexer q [B, T, 16, 64], w [B, T, 16], k [B, S, 64]; top-k 2048. Runs ``dsa_topk_indices`` then
 ``sparse_attention`` (forward, no grad) in a fresh subprocess and reports its peak RSS (VmHWM), the RSS
-after the inputs were built, and the wall time of each step, as JSON.
+after the inputs were built, and the wall and CPU time of each step, as JSON. The int64 index list
+alone is B * T * 2048 * 8 bytes (512 MiB at 32K) and the bf16 output 256 MiB; the rest of the growth
+over the inputs is the chunked working memory.
 
     python benchmarks/dsa_reference_memory.py                 # S = T = 32768, bf16 inputs
     python benchmarks/dsa_reference_memory.py --seq 8192 --dtype float32 --out result.json
@@ -59,6 +61,7 @@ def _child(args) -> None:
         t2 = time.perf_counter()
         r2 = resource.getrusage(resource.RUSAGE_SELF)
     full = int((idx[0, -1] >= 0).sum())
+    finite = bool(torch.isfinite(out).all())
     print(json.dumps({
         "seq": S, "topk": args.topk, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -70,7 +73,7 @@ def _child(args) -> None:
         "topk_cpu_s": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 2),
         "sparse_attention_cpu_s": round(r2.ru_utime + r2.ru_stime - r1.ru_utime - r1.ru_stime, 2),
         "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
-        "last_query_listed_keys": full, "out_finite": bool(torch.isfinite(out).all()),
+        "last_query_listed_keys": full, "out_finite": finite,
         "dense_SxS_fp32_buffer_MiB": S * S * 4 / 2**20,
     }))
 
@@ -97,6 +100,10 @@ def main() -> None:
         sys.stderr.write(res.stderr)
         raise SystemExit(res.returncode)
     result = json.loads(res.stdout.strip().splitlines()[-1])
+    import resource
+
+    # the child's whole-life peak as the kernel accounts it (ru_maxrss of the waited-for child, KiB)
+    result["child_ru_maxrss_MiB"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -11,7 +11,8 @@ turn paths, URIs, PIL images and frame lists into the uint8 tensors the processo
 - :func:`video_budget_pixels`     the token budget (optionally duration-adaptive, divided among videos).
 - :func:`plan_video`              all of the above for one video: indices, timestamps, frame size, tokens.
 - :func:`probe_video` / :func:`read_video`  PyAV readers: count frames, then decode *streaming* and keep only
-  the sampled frames, each resized to the shared frame size as soon as it is decoded.
+  the sampled frames, each resized to the shared frame size as soon as it is decoded; long videos skip the groups
+  of pictures that hold no sampled frame by seeking to keyframes (:func:`decode_frames`).
 - :func:`process_vision_info`     the qwen-vl-utils / keye-vl-utils entry point: messages -> (images, videos,
   video_kwargs).
 
@@ -77,6 +78,12 @@ VIDEO_MIN_FRAMES = 2
 # S1 `get_video_total_pixels_by_duration`; longer videos keep the full budget. The paper states 256 s 0.125x,
 # 512 s 0.25x, 1024 s 0.5x, 2048 s 1.0x; the code's values are used.
 ADAPTIVE_BUDGET_STEPS = ((259.0, 0.09), (518.0, 0.18), (1036.0, 0.36), (2016.0, 0.7))
+
+# Keyframe seeking (decode_frames): used by default only when the last requested frame is at least this far into
+# the video; shorter clips are decoded sequentially (cheap and exact for any file). KEYE_VIDEO_SEEK=0/1 forces it.
+SEEK_MIN_FRAMES = 1500
+_SEEK_ENV = os.environ.get("KEYE_VIDEO_SEEK", "").strip().lower()
+_SEEK_DEFAULT = None if _SEEK_ENV in ("", "auto") else _SEEK_ENV in ("1", "true", "yes")
 
 # Wall-clock limit for reading one video (seconds); the decode loops check it between packets.
 DEFAULT_VIDEO_READ_TIMEOUT = float(os.environ.get("KEYE_VIDEO_READ_TIMEOUT", "600"))
@@ -630,24 +637,167 @@ def probe_video(path: str, count_packets: bool | None = None, timeout: float | N
     }
 
 
+class _SeekUnusable(Exception):
+    """Internal: the keyframe-seeking reader cannot guarantee frame identity for this file; decode sequentially."""
+
+
+def _scan_packets(container, stream, deadline: float, path: str) -> tuple[list[int], list[int]] | None:
+    """Presentation times of all video packets and of the keyframes (demux only, no decoding).
+
+    Returns ``(sorted_pts, sorted_key_pts)`` or ``None`` when the stream cannot be indexed by time (missing or
+    repeated timestamps, as in damaged files).
+    """
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"indexing {path!r} took longer than the read timeout")
+        if not packet.size:
+            continue
+        if packet.pts is None:
+            return None
+        pts.append(int(packet.pts))
+        if packet.is_keyframe:
+            keys.append(int(packet.pts))
+    if not pts or len(set(pts)) != len(pts) or not keys:
+        return None
+    return sorted(pts), sorted(keys)
+
+
+def _frame_to_tensor(frame, height: int | None, width: int | None) -> torch.Tensor:
+    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).unsqueeze(0)
+    if height is not None and width is not None:
+        rgb = resize_frames(rgb, height, width)
+    return rgb[0].contiguous()
+
+
+def _timeout_error(path: str, timeout: float | None, done: int) -> TimeoutError:
+    return TimeoutError(
+        f"reading {path!r} took longer than {timeout if timeout is not None else DEFAULT_VIDEO_READ_TIMEOUT:g} s "
+        f"({done} frames decoded); raise KEYE_VIDEO_READ_TIMEOUT (seconds) for very long videos"
+    )
+
+
+def _decode_seeking(container, stream, wanted, index, height, width, deadline, path, timeout):
+    """Keyframe-seeking decode: frame ordinal ``i`` is the frame whose pts is the ``i``-th smallest packet pts.
+
+    The decoder is first primed on the start of the stream (in-band parameter sets and encoder SEI, e.g. x264's
+    version, which FFmpeg needs to decode some streams bit-exactly); then, before each requested frame, if a keyframe
+    lies after the decoder's position and at or before the frame, the reader seeks there (skipping the packets in
+    between) and decodes forward, keeping frames by exact pts.
+    """
+    import bisect
+
+    pts_sorted, key_pts = index
+    if wanted[-1] >= len(pts_sorted):
+        raise _SeekUnusable()
+    target_of = {pts_sorted[i]: i for i in wanted}
+    targets = sorted(target_of)
+    kept: dict[int, torch.Tensor] = {}
+    state = {"position": None, "t": 0}
+
+    def consume(frames) -> bool:
+        """Keep requested frames; True when at least one more target was passed."""
+        advanced = False
+        for frame in frames:
+            if frame.pts is None:
+                raise _SeekUnusable()
+            position = state["position"] = int(frame.pts)
+            ordinal = target_of.get(position)
+            if ordinal is not None and ordinal not in kept:
+                kept[ordinal] = _frame_to_tensor(frame, height, width)
+            while state["t"] < len(targets) and targets[state["t"]] <= position:
+                state["t"] += 1
+                advanced = True
+        return advanced
+
+    demux = container.demux(stream)
+    for packet in demux:  # prime: decode from the start until the decoder outputs a frame
+        if time.monotonic() > deadline:
+            raise _timeout_error(path, timeout, len(kept))
+        frames = packet.decode()
+        consume(frames)
+        if frames:
+            break
+    while state["t"] < len(targets):
+        target = targets[state["t"]]
+        k = bisect.bisect_right(key_pts, target) - 1
+        if k >= 0 and state["position"] is not None and key_pts[k] > state["position"]:
+            container.seek(key_pts[k], stream=stream, backward=True, any_frame=False)
+            stream.codec_context.flush_buffers()
+            demux = container.demux(stream)
+        for packet in demux:
+            if time.monotonic() > deadline:
+                raise _timeout_error(path, timeout, len(kept))
+            if consume(packet.decode()):
+                break
+        else:  # end of the stream
+            break
+    return kept
+
+
+def _decode_sequential(container, stream, wanted, height, width, deadline, path, timeout):
+    """Decode every packet in order; frame ordinal = position in the decoder's output. Returns (kept, stats)."""
+    kept: dict[int, torch.Tensor] = {}
+    errors = bad_pts = ordinal = pos = 0
+    last_pts = None
+    demux = container.demux(stream)
+    while pos < len(wanted):
+        if time.monotonic() > deadline:
+            raise _timeout_error(path, timeout, ordinal)
+        try:
+            packet = next(demux)
+        except StopIteration:
+            break
+        except Exception as err:  # demuxer error in a damaged file: stop here, keep what we have
+            warnings.warn(f"demuxing {path!r} failed after {ordinal} frames: {err}", stacklevel=3)
+            break
+        try:
+            frames = packet.decode()
+        except Exception as err:  # corrupt packet: skip it (the decoder resynchronises on the next keyframe)
+            errors += 1
+            if errors > 1000:
+                raise VideoReadError(f"too many corrupt packets in {path!r}: {err}") from err
+            continue
+        for frame in frames:
+            if frame.pts is not None:
+                if last_pts is not None and frame.pts <= last_pts:
+                    bad_pts += 1
+                last_pts = frame.pts
+            if pos < len(wanted) and ordinal == wanted[pos]:
+                kept[ordinal] = _frame_to_tensor(frame, height, width)
+                pos += 1
+            ordinal += 1
+    return kept, {"errors": errors, "bad_pts": bad_pts, "decoded": ordinal}
+
+
 def decode_frames(
     path: str,
     indices: Sequence[int],
     height: int | None = None,
     width: int | None = None,
     timeout: float | None = None,
+    seek: bool | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Decode the frames at ``indices`` (ordinals in decoder output order) with PyAV, streaming.
+    """Decode the frames at ``indices`` (ordinals in presentation order) with PyAV, streaming.
 
-    Every packet is decoded in order (exact frame identity, robust to damaged indexes: no seeking), but only the
-    requested frames are converted to RGB and resized (bilinear, antialias) to ``height x width`` right away, so
-    memory holds one native frame plus the sampled output, never the whole video.
+    Two strategies give the same frames:
+
+    - keyframe seeking (default when the file can be indexed by time: every packet has a distinct pts): frame ``i``
+      is the one with the ``i``-th smallest pts; before each requested frame the reader seeks to the last keyframe
+      at or before it when that keyframe is ahead of the decoder, so only the needed groups of pictures are decoded;
+    - sequential (fallback for damaged files with missing / repeated timestamps, failed seeks, or ``seek=False``):
+      every packet is decoded in order and frame ``i`` is the ``i``-th frame the decoder outputs.
+
+    Only the requested frames are converted to RGB and resized (bilinear, antialias) to ``height x width`` at once,
+    so memory holds one native frame plus the sampled output, never the whole video.
 
     Args:
         path: video path / ``file://`` URI / URL.
         indices: frame ordinals to keep (any order, duplicates allowed).
         height, width: output size; ``None`` keeps the native size.
         timeout: wall-clock limit in seconds (checked between packets; default 600 or ``KEYE_VIDEO_READ_TIMEOUT``).
+        seek: ``None`` (auto: seek when the last requested frame is >= ``SEEK_MIN_FRAMES`` = 1500 into the video,
+            or as ``KEYE_VIDEO_SEEK`` says), ``True`` (seek when the file allows it), ``False`` (always sequential).
 
     Returns:
         ``(frames, found)``: uint8 tensor ``[len(found), 3, H, W]`` and the indices actually decoded, in the order
@@ -662,68 +812,51 @@ def decode_frames(
     if not wanted:
         raise ValueError("no frame indices requested")
     deadline = time.monotonic() + (DEFAULT_VIDEO_READ_TIMEOUT if timeout is None else timeout)
-    container = _open_container(path)
-    kept: dict[int, torch.Tensor] = {}
-    errors = 0
-    bad_pts = 0  # frames whose presentation time does not increase (a damaged or badly muxed file)
-    last_pts = None
-    ordinal = 0
-    pos = 0
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        demux = container.demux(stream)
-        while pos < len(wanted):
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"reading {path!r} took longer than {timeout or DEFAULT_VIDEO_READ_TIMEOUT:g} s "
-                    f"(decoded {ordinal} frames); raise KEYE_VIDEO_READ_TIMEOUT for very long videos"
-                )
-            try:
-                packet = next(demux)
-            except StopIteration:
-                break
-            except Exception as err:  # demuxer error in a damaged file: stop here, keep what we have
-                warnings.warn(f"demuxing {path!r} failed after {ordinal} frames: {err}", stacklevel=2)
-                break
-            try:
-                frames = packet.decode()
-            except Exception as err:  # corrupt packet: skip it (the decoder resynchronises on the next keyframe)
-                errors += 1
-                if errors > 1000:
-                    raise VideoReadError(f"too many corrupt packets in {path!r}: {err}") from err
-                continue
-            for frame in frames:
-                if frame.pts is not None:
-                    if last_pts is not None and frame.pts <= last_pts:
-                        bad_pts += 1
-                    last_pts = frame.pts
-                if pos < len(wanted) and ordinal == wanted[pos]:
-                    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).unsqueeze(0)
-                    if height is not None and width is not None:
-                        rgb = resize_frames(rgb, height, width)
-                    kept[ordinal] = rgb[0].contiguous()
-                    pos += 1
-                ordinal += 1
-    finally:
-        container.close()
+    kept = None
+    stats = {"errors": 0, "bad_pts": 0, "decoded": 0}
+    if seek is None:
+        seek = _SEEK_DEFAULT if _SEEK_DEFAULT is not None else (wanted[-1] >= SEEK_MIN_FRAMES)
+    if seek:
+        container = _open_container(path)
+        try:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            index = _scan_packets(container, stream, deadline, path)
+            if index is not None:
+                container.seek(index[1][0], stream=stream, backward=True, any_frame=False)
+                stream.codec_context.flush_buffers()
+                kept = _decode_seeking(container, stream, wanted, index, height, width, deadline, path, timeout)
+        except TimeoutError:
+            raise
+        except Exception:  # _SeekUnusable, failed seek (damaged index), decoder errors: decode sequentially
+            kept = None
+        finally:
+            container.close()
+    if kept is None:
+        container = _open_container(path)
+        try:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            kept, stats = _decode_sequential(container, stream, wanted, height, width, deadline, path, timeout)
+        finally:
+            container.close()
     if not kept:
         raise VideoReadError(
             f"no frame could be decoded from {path!r} (requested frames {wanted[:5]}...; the decoder produced "
-            f"{ordinal} frames)"
+            f"{stats['decoded']} frames)"
         )
     found = [int(i) for i in indices if int(i) in kept]
-    if bad_pts:
+    if stats["bad_pts"]:
         warnings.warn(
-            f"video {path!r} looks damaged: {bad_pts} frame(s) have non-increasing timestamps; frames are taken in "
-            f"decoding order and timed as index / average fps",
+            f"video {path!r} looks damaged: {stats['bad_pts']} frame(s) have non-increasing timestamps; frames are "
+            f"taken in decoding order and timed as index / average fps",
             stacklevel=2,
         )
-    if len(kept) < len(wanted) or errors:
+    if len(kept) < len(wanted) or stats["errors"]:
         missing = [i for i in wanted if i not in kept]
         warnings.warn(
-            f"video {path!r} looks damaged: {errors} corrupt packet(s); {len(missing)} of {len(wanted)} sampled "
-            f"frames missing (e.g. {missing[:5]}); using the {len(kept)} frames that decoded",
+            f"video {path!r} looks damaged: {stats['errors']} corrupt packet(s); {len(missing)} of {len(wanted)} "
+            f"sampled frames missing (e.g. {missing[:5]}); using the {len(kept)} frames that decoded",
             stacklevel=2,
         )
     return torch.stack([kept[i] for i in found]), found
@@ -743,10 +876,11 @@ def read_video(
     video_start: float | None = None,
     video_end: float | None = None,
     timeout: float | None = None,
+    seek: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read one video file the Keye-VL-2.0 way: probe, plan (spec section 7), decode only the sampled frames.
 
-    Args: see :func:`plan_video` (overrides) and :func:`decode_frames` (``timeout``).
+    Args: see :func:`plan_video` (overrides) and :func:`decode_frames` (``timeout``, ``seek``).
 
     Returns:
         ``(frames, info)``: uint8 tensor ``[nframes, 3, H, W]`` with H, W multiples of 28 (the shared frame size),
@@ -775,7 +909,7 @@ def read_video(
         video_end=video_end,
     )
     frames, found = decode_frames(
-        path, plan["frame_indices"], plan["resized_height"], plan["resized_width"], timeout=timeout
+        path, plan["frame_indices"], plan["resized_height"], plan["resized_width"], timeout=timeout, seek=seek
     )
     if found != plan["frame_indices"]:
         plan["frame_indices"] = found

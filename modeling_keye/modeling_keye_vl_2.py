@@ -319,22 +319,24 @@ class KeyeVL2Cache(DynamicCache):
     Args (besides ``DynamicCache``'s):
         capacity: tokens to allocate per layer on the first update (e.g. prompt + max_new_tokens); None grows.
         growth: capacity factor when an update does not fit (> 1; 1.25 wastes at most 25%).
+        block: capacities are rounded up to a multiple of this many tokens.
 
     Works with the cache API of transformers 5.17 through 5.x (``update``, ``update_indexer``,
     ``get_seq_length``, ``crop`` in both conventions, ``reorder_cache``, ``reset``, ``batch_*``). ``indexer_keys``
     maps layer index -> [B, S, D_I] view.
     """
 
-    def __init__(self, *args, capacity: int | None = None, growth: float = 1.25, **kwargs):
+    def __init__(self, *args, capacity: int | None = None, growth: float = 1.25, block: int = 256, **kwargs):
         super().__init__(*args, **kwargs)
         self.capacity = capacity
         self.growth = growth
+        self.block = block
         if self.layer_class_to_replicate is not None:
             self.layer_class_to_replicate = self._new_layer
         self.layers = [self._convert(layer) for layer in self.layers]
 
     def _new_layer(self) -> KeyeVL2CacheLayer:
-        return KeyeVL2CacheLayer(capacity=self.capacity, growth=self.growth)
+        return KeyeVL2CacheLayer(capacity=self.capacity, growth=self.growth, block=self.block)
 
     def _convert(self, layer):
         if isinstance(layer, KeyeVL2CacheLayer) or type(layer) not in (DynamicLayer, DynamicIndexedLayer):

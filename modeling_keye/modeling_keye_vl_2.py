@@ -771,7 +771,7 @@ class KeyeVL2MLP(nn.Module):
 
 
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_GROUPED_MM_PROBES: dict[tuple[str, int | None, torch.dtype], str | None] = {}
+_GROUPED_MM_PROBES: dict[tuple[str, int | None, torch.dtype], tuple[str | None, str | None]] = {}
 
 
 def _grouped_mm_fn():
@@ -805,29 +805,39 @@ def _mm_operand_problem(t: torch.Tensor) -> str | None:
     return None
 
 
-def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Run a tiny grouped GEMM (forward + backward, an expert with no rows) once per (device, dtype);
-    the reason it failed, or None. Cached: later calls cost a dict lookup."""
+def _grouped_mm_probe(device: torch.device, dtype: torch.dtype, backward: bool = False) -> str | None:
+    """Run a tiny grouped GEMM with an expert that gets no rows once per (device, dtype): forward, then
+    backward (which must give that expert a zero weight gradient). Returns why the forward (or, with
+    ``backward=True``, the backward) failed, or None. Cached: later calls cost a dict lookup."""
     key = (device.type, device.index, dtype)
     if key not in _GROUPED_MM_PROBES:
         fn = _grouped_mm_fn()
-        why = None
+        fwd = bwd = None
         if fn is None:
-            why = "this torch has no grouped_mm"
+            fwd = bwd = "this torch has no grouped_mm"
         else:
             try:
-                with torch.inference_mode(False), torch.enable_grad():
-                    a = torch.ones(6, 8, device=device, dtype=dtype, requires_grad=True)
-                    b = torch.ones(3, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                with torch.inference_mode(False), torch.no_grad():  # normal tensors even under inference_mode
                     offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
-                    y = _ContiguousGrad.apply(fn(a, b, offs=offs))
-                    y.sum().backward()
-                ok = float(y.detach()[0, 0]) == 8.0 and float(a.grad[0, 0]) == 8.0 and float(b.grad[1].abs().sum()) == 0.0
-                why = None if ok else "wrong numbers in the probe"
+                    y = fn(torch.ones(6, 8, device=device, dtype=dtype), torch.ones(3, 8, 8, device=device, dtype=dtype), offs=offs)
+                    fwd = None if float(y[0, 0]) == 8.0 and float(y[5, 7]) == 8.0 else "wrong numbers in the forward probe"
             except Exception as e:  # noqa: BLE001 - any failure means "do not use it here"
-                why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-        _GROUPED_MM_PROBES[key] = why
-    return _GROUPED_MM_PROBES[key]
+                fwd = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            bwd = fwd
+            if fwd is None:
+                try:
+                    with torch.inference_mode(False), torch.enable_grad():
+                        offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
+                        a = torch.ones(6, 8, device=device, dtype=dtype, requires_grad=True)
+                        b = torch.ones(3, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                        _ContiguousGrad.apply(fn(a, b, offs=offs)).sum().backward()
+                    ok = float(a.grad[0, 0]) == 8.0 and float(b.grad[1].abs().sum()) == 0.0 and float(b.grad[2, 0, 0]) == 4.0
+                    bwd = None if ok else "wrong numbers in the backward probe (e.g. an expert without rows got a gradient)"
+                except Exception as e:  # noqa: BLE001
+                    bwd = f"backward: {type(e).__name__}: {e}".splitlines()[0][:200]
+        _GROUPED_MM_PROBES[key] = (fwd, bwd)
+    fwd, bwd = _GROUPED_MM_PROBES[key]
+    return bwd if backward else fwd
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -878,7 +888,8 @@ class KeyeVL2Experts(nn.Module):
         return self.gate_up_proj.dtype
 
     def grouped_mm_problem(self, x: torch.Tensor) -> str | None:
-        """Why the grouped path cannot run for input ``x`` here, or None when it can."""
+        """Why the grouped path cannot run for input ``x`` here (forward, and backward too when autograd will
+        need it), or None when it can."""
         dtype = self._compute_dtype(x)
         if dtype not in _GROUPED_MM_DTYPES:
             return f"dtype {dtype} (grouped_mm takes {[str(d) for d in _GROUPED_MM_DTYPES]})"
@@ -891,7 +902,10 @@ class KeyeVL2Experts(nn.Module):
             why = _mm_operand_problem(w if w.dtype == dtype else w.to(dtype))
             if why:
                 return f"{name} has {why}"
-        return _grouped_mm_probe(x.device, dtype)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.gate_up_proj.requires_grad or self.down_proj.requires_grad
+        )
+        return _grouped_mm_probe(x.device, dtype, backward=needs_grad)
 
     def implementation(self, x: torch.Tensor) -> str:
         """The implementation ``forward`` uses for input ``x``: "eager" or "grouped_mm"."""

@@ -146,6 +146,20 @@ def test_auto_falls_back_where_grouped_mm_cannot_run():
         ex(x, idx, w)
 
 
+def test_grouped_probe_works_under_inference_mode(monkeypatch):
+    from keye_vl.modeling_keye import modeling_keye_vl_2 as mm
+
+    monkeypatch.setattr(mm, "_GROUPED_MM_PROBES", {})
+    ex = make_experts()
+    with torch.inference_mode():  # the probe builds ordinary tensors: its backward check still runs
+        x = torch.randn(3, 64)
+        expected = "grouped_mm" if mm._grouped_mm_fn() is not None else "eager"
+        assert ex.implementation(x) == expected
+        assert ex(x, torch.tensor([[0, 1]] * 3), torch.rand(3, 2)).shape == (3, 64)
+    if expected == "grouped_mm":
+        assert mm._GROUPED_MM_PROBES[("cpu", None, torch.float32)] == (None, None)
+
+
 # ---------------------------------------------------------------------------------- chunked prefill
 def make_model(impl, seed=0, **overrides):
     """Tiny model (vocabulary cut to 4096 rows to keep the LM head cheap on CPU)."""

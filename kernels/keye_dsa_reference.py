@@ -406,9 +406,10 @@ def dsa_topk_indices(q: Tensor, w: Tensor, k: Tensor, topk: int, *, q_offset: Un
     Score as in :func:`dsa_indexer_scores`. Deterministic: exact ties go to the lower position; NaN
     scores count as -inf (never ahead of a finite score); allowed keys are always listed before
     anything else, so a query with at most ``topk`` allowed keys lists all of them (sparse == dense).
-    Queries are processed ``chunk_size`` at a time against the causally needed key prefix only, so the
-    largest buffer is about [B, chunk, H_I, S] fp32 (default chunk: about 256 MiB of work space);
-    the result does not depend on ``chunk_size``. No gradient.
+    Queries are processed ``chunk_size`` at a time against the causally needed key prefix only; the
+    buffers are the chunk's scores [B, chunk, S] fp32 (default chunk: about 16 MiB of them on CPU,
+    512 MiB on an accelerator) and ReLU tiles of 2M floats, so memory is O(chunk * S), never O(T * S).
+    The result does not depend on ``chunk_size``. No gradient.
 
     Args:
         q: [B, T, H_I, D_I], w: [B, T, H_I], k: [B, S, D_I] (any float dtype; scored in fp32).

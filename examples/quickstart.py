@@ -43,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn-implementation", default=None, help="e.g. dsa, dsa_torch, sdpa (default: the config's)")
+    parser.add_argument(
+        "--code", default="package", choices=["package", "checkpoint"],
+        help="with --model: run this package's model / processor classes on the checkpoint (default), or the\n"
+             "checkpoint's own remote code (AutoProcessor / AutoModelForImageTextToText, trust_remote_code=True)",
+    )
     # --- inputs
     parser.add_argument("--image", default=str(MEDIA / "chelsea.png"))
     parser.add_argument("--video", default=str(MEDIA / "cockatoo.mp4"))
@@ -148,15 +153,30 @@ def main(argv=None) -> dict:
     if args.max_new_tokens is None:
         args.max_new_tokens = max_new_tokens
 
-    # ------------------------------------------------------------------ load through the Auto classes
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    # ------------------------------------------------------------------ load
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     t = time.perf_counter()
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    load_kwargs = {"trust_remote_code": True, "dtype": dtype}
+    load_kwargs = {"dtype": dtype}
     if args.attn_implementation:
         load_kwargs["attn_implementation"] = args.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(model_path, **load_kwargs).to(args.device).eval()
+    if args.device != "cpu":
+        load_kwargs["device_map"] = args.device
+    if args.model is None or args.code == "checkpoint":
+        # the exported folder's own code, through the Auto classes (what a Hub user runs)
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, **load_kwargs)
+    else:
+        # a checkpoint such as the official one: this package's classes, the checkpoint's tokenizer and template
+        from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration
+        from keye_vl.processing import KeyeVL2ImageProcessor, KeyeVL2Processor, KeyeVL2VideoProcessor
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        processor = KeyeVL2Processor(KeyeVL2ImageProcessor(), KeyeVL2VideoProcessor(), tokenizer)
+        if getattr(processor, "frame_token_id", 0) is None:
+            print("warning: the checkpoint's tokenizer has no <|frame|> token; frame markers become plain text")
+        model = KeyeVL2MoeForConditionalGeneration.from_pretrained(model_path, **load_kwargs)
+    model = model.to(args.device).eval() if args.device == "cpu" else model.eval()
     timings["load"] = time.perf_counter() - t
 
     # ------------------------------------------------------------------ chat

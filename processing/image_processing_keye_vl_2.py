@@ -24,7 +24,6 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from .vision_process_keye_vl_2 import (
-    IMAGE_FACTOR,
     IMAGE_MAX_PIXELS,
     IMAGE_MIN_PIXELS,
     MERGE_SIZE,

@@ -41,7 +41,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch

@@ -100,6 +100,21 @@ def test_tokenizer_ids(processor):
     assert tok("Hello world")["input_ids"] == [9707, 1879]
 
 
+def test_processor_from_parts_defaults():
+    tokenizer = build_keye_tokenizer()
+    assert tokenizer.chat_template == KEYE_VL2_CHAT_TEMPLATE
+    proc = KeyeVL2Processor(tokenizer=tokenizer)  # default image / video processors
+    assert isinstance(proc.image_processor, KeyeVL2ImageProcessor)
+    assert isinstance(proc.video_processor, KeyeVL2VideoProcessor)
+    assert proc.chat_template == KEYE_VL2_CHAT_TEMPLATE
+    assert (proc.image_processor.min_pixels, proc.image_processor.max_pixels) == (4 * PX, 20480 * PX)
+    vp = proc.video_processor
+    assert (vp.fps, vp.min_pixels, vp.max_pixels, vp.total_pixels) == (2.0, 64 * PX, 256 * PX, 184320 * PX)
+    assert proc.model_input_names == [
+        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Image processor: layout contract and sizes (item 2)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,9 @@ STAGES = {
 DECODER_ATTN = r"model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 INDEXER = r"model\.layers\.\d+\.self_attn\.sa_indexer\.(q_proj|k_proj)"
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# Kept in the checkpoint but never read by the model (it interpolates the learned 2D position table instead);
+# always frozen, so DDP sees no parameter without a gradient.
+UNUSED_PARAMS = ("visual.vision_model.embeddings.packing_position_embedding.weight",)
 
 
 @dataclass
@@ -154,7 +157,8 @@ def trainable_names(model, stage: str, freeze_vision: bool) -> list[str]:
         "dsa-warmup": lambda n: ".sa_indexer." in n,
         "dsa-sparse": lambda n: True,
     }[stage]
-    names = [n for n, _ in model.named_parameters() if keep(n) and not (freeze_vision and n.startswith("visual."))]
+    names = [n for n, _ in model.named_parameters()
+             if keep(n) and n not in UNUSED_PARAMS and not (freeze_vision and n.startswith("visual."))]
     if not names:
         raise ValueError(f"stage {stage!r} leaves no parameter to train (no sa_indexer in the config for dsa-warmup?)")
     return names
@@ -172,7 +176,11 @@ def configure_stage(model, args: PretrainArguments):
     for n, p in model.named_parameters():
         p.requires_grad_(n in train and not args.lora)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Re-entrant checkpointing: the non-re-entrant kind raises CheckpointError ("a different number of tensors
+        # was saved") on some packed inputs with this model (see examples/README.md). Re-entrant needs a layer
+        # input that requires grad, so the embedding output is made to require it (frozen-embedding stages).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
     if not args.lora:
         return model
     from peft import LoraConfig, get_peft_model

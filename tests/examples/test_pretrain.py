@@ -198,12 +198,12 @@ def test_loss_falls(processor, files, tiny_ckpt, tmp_path):
 
 
 def test_resume_is_bitwise_identical(processor, files, tiny_ckpt, tmp_path):
-    common = dict(model_name_or_path=tiny_ckpt, stage="dsa-sparse", train_file=files["mixed"], max_steps=4,
+    common = dict(model_name_or_path=tiny_ckpt, stage="dsa-sparse", train_file=files["mixed"], max_steps=3,
                   gradient_accumulation_steps=2, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=1,
-                  attn_implementation="dsa_torch", max_seq_len=160)
+                  attn_implementation="dsa_torch", max_seq_len=128)
     a = run(processor, output_dir=str(tmp_path / "a"), **common)
-    b1 = run(processor, output_dir=str(tmp_path / "b"), stop_at_step=2, **common)
-    assert b1["final_step"] == 2 and "final_dir" not in b1
+    b1 = run(processor, output_dir=str(tmp_path / "b"), stop_at_step=1, **common)
+    assert b1["final_step"] == 1 and "final_dir" not in b1
     b2 = run(processor, output_dir=str(tmp_path / "b"), resume_from_checkpoint="latest", **common)
     assert [r["loss"] for r in b1["history"] + b2["history"]] == [r["loss"] for r in a["history"]]
     wa, wb = _weights(a["final_dir"]), _weights(b2["final_dir"])
@@ -241,6 +241,26 @@ def test_packed_batch_equals_samples_one_by_one(processor, files, tiny_ckpt, att
         torch.testing.assert_close(parts["lm_loss"], lm_p / n_lab, rtol=1e-5, atol=1e-5)
     if indexer_loss:
         torch.testing.assert_close(float(out.indexer_loss), kl_sum / n_tok, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["full", "dsa-warmup"])
+def test_gradient_checkpointing_gives_the_same_gradients(processor, files, tiny_ckpt, stage):
+    enc = D.SampleEncoder(processor)
+    lines = list(open(files["mixed"]))
+    batch = D.collate_packs([[enc(json.loads(lines[1])), enc(json.loads(lines[0]))]], 151643)
+    batch.pop("attention_mask")
+    grads = []
+    for gc in (False, True):
+        args = P.PretrainArguments(model_name_or_path=tiny_ckpt, stage=stage, gradient_checkpointing=gc, report_to="none")
+        model = P.configure_stage(P.build_model(args), args).train()
+        loss, _ = P.forward_loss(model, batch, P.STAGES[stage]["indexer_loss"], model.config)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert (grads[0][n] is None) == (grads[1][n] is None), n
+        if grads[0][n] is not None:
+            torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_lora_adapter_round_trips(processor, files, tiny_ckpt, tmp_path):

@@ -16,17 +16,18 @@ about ``CONFIG["score_buffer_bytes"]``, never ``[S, S]``):
    the segments' candidates). Every score is packed with its position into a unique int64 key
    ``(score_key << 32) | (2**32 - 1 - position)``: larger is better and equal scores rank the lower
    position first, so the top-k is exact and deterministic. The row is streamed once against a threshold;
-   keys above it go to a small scratch list, merged into a running top-``RS`` set in registers when it fills
-   (bitonic: sort the list ascending, elementwise max with the descending set, bitonic merge). The first
-   threshold comes from a strided sample of the row (its ``r``-th largest score, ``r`` set so that, for a row
-   in random order, at least k keys of the row exceed it with overwhelming probability); if fewer than
-   k keys pass, the row is streamed again without a threshold, so the result never depends on the sample.
-   Finally, knowing the exact k-th key, the row is read once more and the selected positions are written
-   in ascending order (stream compaction), ``-1`` after them.
+   keys above it are appended to a small per-program scratch list (``CAP`` = 2 x k); when it fills, the
+   list is shrunk to its k best -- the k-th key is found by bisection (32 steps on the score half, 32 more
+   on the position half only when equal scores straddle the k-th place), no sort -- and the threshold
+   rises to that key. The first threshold comes from a strided sample of the row (its ``r``-th best,
+   ``r ~ mu + 4 sqrt(mu)`` with ``mu = k * sample / n``, so that for a row in random order at least k keys
+   pass with overwhelming probability); if fewer than k pass, the row is streamed again without it, so the
+   result never depends on the sample. Finally, knowing the exact k-th key, the row is read once more and
+   the selected positions are written in ascending order by stream compaction, ``-1`` after them.
+   Without sorts the kernel compiles in seconds (an unrolled bitonic sort of 4096 keys took ptxas minutes).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -51,10 +52,9 @@ CONFIG = {
     "score_warps": 8,
     "score_stages": 3,
     "select_block": 512,            # row elements per step of the top-k stream
-    "select_rs_mult": 2,            # running-set size = mult * next_pow2(topk)
+    "select_cap_mult": 2,           # pending-set capacity = mult * next_pow2(topk)
     "select_warps": 8,
     "select_sample": 1024,          # strided sample of a long row for the first threshold (0 = off)
-    "select_rank_sort_max": 64,     # running sets up to this size sort by an O(n^2) rank (else tl.sort)
 }
 
 
@@ -175,37 +175,37 @@ if HAS_TRITON:
             tl.store(out_rows[:, None] + s[None, :], key, mask=rmask[:, None] & smask[None, :])
 
     # ------------------------------------------------------------------------------------------------
-    # exact top-k of a row of keys
+    # exact top-k of a row of keys (no sort: bisection for the k-th key, stream compaction for the rest)
     # ------------------------------------------------------------------------------------------------
     @triton.jit
-    def _sort(x, N: tl.constexpr, DESC: tl.constexpr, BY_RANK: tl.constexpr):
-        """Sort a 1-D vector of N (a power of two). BY_RANK: O(N^2) rank sort (short vectors, and fast
-        under the interpreter, whose tl.sort is a Python-level reduction); else tl.sort (bitonic)."""
-        if BY_RANK:
-            i = tl.arange(0, N)
-            xi = x[:, None]
-            xj = x[None, :]
-            if DESC:
-                before = (xj > xi) | ((xj == xi) & (i[None, :] < i[:, None]))
-            else:
-                before = (xj < xi) | ((xj == xi) & (i[None, :] < i[:, None]))
-            rank = tl.sum(before.to(tl.int32), axis=1)
-            return tl.sum(tl.where(rank[:, None] == i[None, :], xi, 0), axis=0)
-        else:
-            return tl.sort(x, descending=DESC)
+    def _kth_key(X, k):
+        """The k-th largest of the packed int64 keys X (1-D; SENT = empty), or SENT if fewer than k are valid.
 
-    @triton.jit
-    def _bitonic_merge_desc(x, LOG_N: tl.constexpr, BY_RANK: tl.constexpr):
-        """Sort a bitonic vector of 2**LOG_N descending (LOG_N half-cleaner stages)."""
-        if BY_RANK:
-            return _sort(x, 2**LOG_N, True, True)
-        else:
-            for i in tl.static_range(LOG_N):
-                x3 = tl.reshape(x, [2**i, 2, 2 ** (LOG_N - 1 - i)])
-                hi = tl.max(x3, axis=1)
-                lo = tl.min(x3, axis=1)
-                x = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), [2**LOG_N])
-            return x
+        Two 32-step bisections: the score half (largest v with #(X >> 32 >= v) >= k), then, when equal scores
+        straddle the k-th place, the position half among them (larger = lower position)."""
+        hi32 = X >> 32
+        blo = tl.sum(tl.zeros([16], tl.int64), axis=0) - 2147483648
+        bhi = blo + 4294967295
+        for _ in range(32):
+            mid = (blo + bhi + 1) >> 1
+            ok = tl.sum((hi32 >= mid).to(tl.int32), axis=0) >= k
+            blo = tl.where(ok, mid, blo)
+            bhi = tl.where(ok, bhi, mid - 1)
+        kth = blo * 0 + _SENT
+        if blo > -2147483648:
+            eq = hi32 == blo
+            need = k - tl.sum((hi32 > blo).to(tl.int32), axis=0)
+            low = X & 4294967295
+            ulo = tl.min(tl.where(eq, low, 4294967296), axis=0)
+            if tl.sum(eq.to(tl.int32), axis=0) > need:
+                uhi = ulo * 0 + 4294967295
+                for _ in range(32):
+                    mid = (ulo + uhi + 1) >> 1
+                    ok = tl.sum((eq & (low >= mid)).to(tl.int32), axis=0) >= need
+                    ulo = tl.where(ok, mid, ulo)
+                    uhi = tl.where(ok, uhi, mid - 1)
+            kth = blo * 4294967296 + ulo
+        return kth
 
     @triton.jit
     def _load_keys(src_row, idx, msk, IN_KEYS: tl.constexpr):
@@ -220,17 +220,19 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["src_stride", "out_row_stride", "out_b_stride", "rows_per_b", "t0", "L",
                                    "seg_len", "NSPLIT", "NPREV"])
     def _topk_select_kernel(
-        src_ptr, src_stride, qoff_ptr, scratch_ptr, out_ptr,
+        src_ptr, src_stride, qoff_ptr, scratch_ptr, out_ptr, kth_ptr,
         out_row_stride, out_b_stride, rows_per_b, t0, L, seg_len, NSPLIT, NPREV,
-        TOPK: tl.constexpr, RS: tl.constexpr, LOG_RS: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr,
-        SAMPLE: tl.constexpr, IN_KEYS: tl.constexpr, FINAL: tl.constexpr, BY_RANK: tl.constexpr,
+        TOPK: tl.constexpr, CAND: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, SAMPLE: tl.constexpr,
+        IN_KEYS: tl.constexpr, FINAL: tl.constexpr,
     ):
         # src: int32 score keys [R, src_stride] (position = column) or, IN_KEYS, packed int64 keys
-        #      [R, NPREV * CAND] (NPREV segments' candidates, each sorted descending).
+        #      [R, NPREV * CAND]: NPREV segments' candidates, each list in position order, SENT-padded.
         # Row r = (b, i): b = r // rows_per_b, query t0 + i; its length is min(qoff[b] + t0 + i + 1, L)
-        # (IN_KEYS: NPREV * CAND). Programs: R * NSPLIT, segment sp of a row covers [sp*seg_len, +seg_len).
-        # FINAL: out int64 positions [*, TOPK] at out + b * out_b_stride + i * out_row_stride;
-        # else:  out int64 [R * NSPLIT, CAND], each segment's best CAND keys, descending.
+        # (IN_KEYS: NPREV * CAND). Programs: R * NSPLIT; segment sp of a row covers [sp*seg_len, +seg_len).
+        # FINAL: out int64 positions [*, TOPK] at out + b * out_b_stride + i * out_row_stride, ascending, -1 pad;
+        # else:  out int64 [R * NSPLIT, CAND]: the segment's best min(TOPK, n) keys in position order, SENT pad,
+        #        and kth [R * NSPLIT]: the segment's TOPK-th key (SENT if fewer).
+        # scratch: int64 [R * NSPLIT, CAP], the pending keys of the running set.
         pid = tl.program_id(0)
         row = pid // NSPLIT
         sp = pid % NSPLIT
@@ -243,90 +245,92 @@ if HAS_TRITON:
         lo = sp * seg_len
         hi = tl.minimum(lo + seg_len, n)
         src_row = src_ptr + row.to(tl.int64) * src_stride
-        scratch_row = scratch_ptr + pid.to(tl.int64) * RS
-        r = tl.arange(0, RS)
+        scratch_row = scratch_ptr + pid.to(tl.int64) * CAP
+        c = tl.arange(0, CAP)
         offs = tl.arange(0, BLOCK)
+        zero64 = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
 
-        # ---- first threshold (a lower bound when IN_KEYS; an estimate from a sample otherwise)
-        thr_init = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0) + _SENT
+        # ---- first threshold: keys <= thr_init are dropped
+        thr_init = zero64 + _SENT
         if IN_KEYS:
             if NPREV > 1:
                 jj = tl.arange(0, 64)
-                kth = tl.load(src_row + jj * CAND + (TOPK - 1), mask=jj < NPREV, other=_SENT)
-                best = tl.max(kth, axis=0)  # every segment with >= TOPK keys bounds the k-th best from below
+                kth_seg = tl.load(kth_ptr + row.to(tl.int64) * NPREV + jj, mask=jj < NPREV, other=_SENT)
+                best = tl.max(kth_seg, axis=0)  # a segment with >= TOPK keys bounds the k-th best from below
                 thr_init = tl.where(best == _SENT, thr_init, best - 1)
         elif SAMPLE > 0:
             n_seg = hi - lo
             if n_seg > 4 * SAMPLE:
+                # estimate from a strided sample: its rk-th best, rk ~ mu + 4 sqrt(mu) with mu = TOPK * SAMPLE / n
                 si = tl.arange(0, SAMPLE)
-                xs = tl.load(src_row + lo + (si.to(tl.int64) * n_seg) // SAMPLE).to(tl.int64)
+                xs = _load_keys(src_row, lo + (si.to(tl.int64) * n_seg) // SAMPLE, si < SAMPLE, False)
                 mu = TOPK * SAMPLE / n_seg.to(tl.float32)
                 rk = (mu + 4.0 * tl.sqrt(mu) + 2.0).to(tl.int32)
                 if rk < SAMPLE:
-                    # largest v with #(sample >= v) >= rk, by bisection over the int32 key range
-                    blo = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0) - 2147483648
-                    bhi = blo + 4294967295
-                    for _ in range(32):
-                        mid = (blo + bhi + 1) >> 1
-                        ok = tl.sum((xs >= mid).to(tl.int32), axis=0) >= rk
-                        blo = tl.where(ok, mid, blo)
-                        bhi = tl.where(ok, bhi, mid - 1)
-                    thr_init = tl.where(blo > -2147483648, blo * 4294967296 - 1, thr_init)
+                    ks = _kth_key(xs, rk)
+                    thr_init = tl.where(ks == _SENT, thr_init, ks - 1)
 
-        # ---- stream (again without threshold if the sampled one let fewer than TOPK keys through)
-        R = tl.full([RS], _SENT, tl.int64)
-        kth = thr_init * 0 + _SENT  # TOPK-th best key so far
+        # ---- stream; again without threshold if the sampled one let fewer than TOPK keys through
+        kth = zero64 + _SENT  # TOPK-th best key of the row so far
         done = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
         for attempt in range(2):
             if done == 0:
-                R = tl.full([RS], _SENT, tl.int64)
-                kth = thr_init * 0 + _SENT
+                kth = zero64 + _SENT
                 thr = thr_init
                 count = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
                 nb = tl.cdiv(hi - lo, BLOCK)
                 for it in range(0, nb + 1):
-                    if (count > RS - BLOCK) | (it == nb):
+                    if (count > CAP - BLOCK) | (it == nb):
+                        # shrink the pending set to its TOPK best (exact), raise the threshold
                         tl.debug_barrier()
-                        P = tl.load(scratch_row + r, mask=r < count, other=_SENT)
+                        X = tl.load(scratch_row + c, mask=c < count, other=_SENT)
                         tl.debug_barrier()
-                        P = _sort(P, RS, False, BY_RANK)  # ascending
-                        R = _bitonic_merge_desc(tl.maximum(R, P), LOG_RS, BY_RANK)  # the RS best of R u P
-                        kth = tl.sum(tl.where(r == TOPK - 1, R, 0), axis=0)
+                        kth = _kth_key(X, TOPK)
                         thr = tl.maximum(kth, thr_init)
-                        count = count * 0
+                        keep = (X >= kth) & (X != _SENT)
+                        ks = tl.cumsum(keep.to(tl.int32), axis=0)
+                        tl.store(scratch_row + ks - 1, X, mask=keep)
+                        count = tl.sum(keep.to(tl.int32), axis=0)
                     idx = lo + it * BLOCK + offs
                     key = _load_keys(src_row, idx, idx < hi, IN_KEYS)
                     surv = key > thr
                     csum = tl.cumsum(surv.to(tl.int32), axis=0)
-                    tl.store(scratch_row + count + csum - 1, key, mask=surv & (count + csum <= RS))  # always true
+                    tl.store(scratch_row + count + csum - 1, key, mask=surv & (count + csum <= CAP))  # always true
                     count += tl.sum(surv.to(tl.int32), axis=0)
                 ok = (thr_init == _SENT) | (kth != _SENT)  # the first threshold let >= TOPK keys through
                 done = ok.to(tl.int32)
-                thr_init = thr_init * 0 + _SENT
+                thr_init = zero64 + _SENT
 
-        # ---- output
+        # ---- output: the keys >= kth (exactly TOPK of them, or all valid ones) in position order
         if FINAL:
             out_row = out_ptr + bi * out_b_stride + ri.to(tl.int64) * out_row_stride
-            if IN_KEYS:
-                sel = (r < TOPK) & (R != _SENT)
-                pos = tl.where(sel, 4294967295 - (R & 4294967295), _POS_BIG)
-                pos = _sort(pos, RS, False, BY_RANK)
-                tl.store(out_row + r, tl.where(pos == _POS_BIG, -1, pos), mask=r < TOPK)
-            else:
-                # kth is the exact TOPK-th key (SENT when fewer are allowed): write positions in order
-                cnt = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
-                for start in range(lo, hi, BLOCK):
-                    idx = start + offs
-                    key = _load_keys(src_row, idx, idx < hi, IN_KEYS)
-                    sel = (key >= kth) & (key != _SENT)
-                    csum = tl.cumsum(sel.to(tl.int32), axis=0)
-                    tl.store(out_row + cnt + csum - 1, idx.to(tl.int64), mask=sel & (cnt + csum <= TOPK))
-                    cnt += tl.sum(sel.to(tl.int32), axis=0)
-                for start in range(0, TOPK, BLOCK):
-                    idx = start + offs
-                    tl.store(out_row + idx, tl.full([BLOCK], -1, tl.int64), mask=(idx >= cnt) & (idx < TOPK))
         else:
-            tl.store(out_ptr + pid.to(tl.int64) * CAND + r, R, mask=r < CAND)
+            out_row = out_ptr + pid.to(tl.int64) * CAND
+            tl.store(kth_ptr + pid, kth)
+        cnt = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+        for start in range(lo, hi, BLOCK):
+            idx = start + offs
+            key = _load_keys(src_row, idx, idx < hi, IN_KEYS)
+            sel = (key >= kth) & (key != _SENT)
+            csum = tl.cumsum(sel.to(tl.int32), axis=0)
+            if FINAL:
+                if IN_KEYS:
+                    val = 4294967295 - (key & 4294967295)
+                else:
+                    val = idx.to(tl.int64)
+            else:
+                val = key
+            tl.store(out_row + cnt + csum - 1, val, mask=sel & (cnt + csum <= TOPK))
+            cnt += tl.sum(sel.to(tl.int32), axis=0)
+        if FINAL:
+            NOUT: tl.constexpr = TOPK
+            pad = -1
+        else:
+            NOUT: tl.constexpr = CAND
+            pad = _SENT
+        for start in range(0, NOUT, BLOCK):
+            idx = start + offs
+            tl.store(out_row + idx, tl.full([BLOCK], pad, tl.int64), mask=(idx >= cnt) & (idx < NOUT))
 
 
 def _select_topk(keys, qo, out, topk: int, t0: int) -> None:
@@ -335,36 +339,29 @@ def _select_topk(keys, qo, out, topk: int, t0: int) -> None:
     R = B * Tc
     dev = keys.device
     CAND = _next_pow2(topk)
-    if _INTERPRET:  # the interpreter's tl.sort is a Python-level reduction: keep the vectors short there
-        BLOCK = 16
-        RS = max(CAND, BLOCK)
-        SAMPLE = CONFIG["select_sample"] and 16
+    if _INTERPRET:  # small vectors keep the interpreter fast
+        BLOCK, SAMPLE = 16, (16 if CONFIG["select_sample"] else 0)
     else:
-        BLOCK = min(CONFIG["select_block"], max(16, _next_pow2(L)))
-        RS = max(CAND * CONFIG["select_rs_mult"], 2 * BLOCK)
-        SAMPLE = CONFIG["select_sample"]
-    RS = max(RS, 2 * BLOCK) if RS > CONFIG["select_rank_sort_max"] else RS
-    by_rank = RS <= CONFIG["select_rank_sort_max"]
-    LOG_RS = RS.bit_length() - 1
-    warps = CONFIG["select_warps"]
+        BLOCK, SAMPLE = min(CONFIG["select_block"], max(16, _next_pow2(L))), CONFIG["select_sample"]
+    CAP = max(CAND * CONFIG["select_cap_mult"], 2 * BLOCK)
+    meta = dict(TOPK=topk, CAND=CAND, CAP=CAP, BLOCK=BLOCK, num_warps=CONFIG["select_warps"], num_stages=1)
     nsm = _num_sms(dev)
     nsplit = 1
-    if R < 2 * nsm and L > 8 * RS:
-        nsplit = max(1, min(-(-2 * nsm // R), L // (4 * RS), 64))
+    if R < 2 * nsm and L > 8 * CAND:
+        nsplit = max(1, min(-(-2 * nsm // R), L // (4 * CAND), 64))
     seg_len = -(-(-(-L // nsplit)) // BLOCK) * BLOCK
     nsplit = -(-L // seg_len)
-    scratch = torch.empty((R * nsplit, RS), dtype=torch.int64, device=dev)
+    scratch = torch.empty((R * nsplit, CAP), dtype=torch.int64, device=dev)
     out_view = out[:, t0:t0 + Tc]
-    meta = dict(TOPK=topk, RS=RS, LOG_RS=LOG_RS, CAND=CAND, BLOCK=BLOCK, BY_RANK=by_rank, num_warps=warps,
-                num_stages=1)
     if nsplit == 1:
-        _topk_select_kernel[(R,)](keys, L, qo, scratch, out_view, out.stride(1), out.stride(0), Tc, t0, L, L, 1, 1,
-                                  SAMPLE=SAMPLE, IN_KEYS=False, FINAL=True, **meta)
+        _topk_select_kernel[(R,)](keys, L, qo, scratch, out_view, scratch, out.stride(1), out.stride(0), Tc, t0, L, L,
+                                  1, 1, SAMPLE=SAMPLE, IN_KEYS=False, FINAL=True, **meta)
         return
     cand = torch.empty((R * nsplit, CAND), dtype=torch.int64, device=dev)
-    _topk_select_kernel[(R * nsplit,)](keys, L, qo, scratch, cand, 0, 0, Tc, t0, L, seg_len, nsplit, 1,
+    kth = torch.empty((R * nsplit,), dtype=torch.int64, device=dev)
+    _topk_select_kernel[(R * nsplit,)](keys, L, qo, scratch, cand, kth, 0, 0, Tc, t0, L, seg_len, nsplit, 1,
                                        SAMPLE=SAMPLE, IN_KEYS=False, FINAL=False, **meta)
-    _topk_select_kernel[(R,)](cand, nsplit * CAND, qo, scratch, out_view, out.stride(1), out.stride(0), Tc, t0, L,
+    _topk_select_kernel[(R,)](cand, nsplit * CAND, qo, scratch, out_view, kth, out.stride(1), out.stride(0), Tc, t0, L,
                               nsplit * CAND, 1, nsplit, SAMPLE=0, IN_KEYS=True, FINAL=True, **meta)
 
 

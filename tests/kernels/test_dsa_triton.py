@@ -78,14 +78,14 @@ def test_topk_matches_reference(B, T, S, H, D, topk):
 
 
 @cpu
-def test_topk_bitonic_sort_path_and_chunks(monkeypatch):
-    """Running sets above the rank-sort size use tl.sort (as on the GPU at k=2048); chunking changes nothing."""
-    monkeypatch.setitem(tri.TOPK_CONFIG, "select_rank_sort_max", 0)
+def test_topk_small_capacity_and_chunks(monkeypatch):
+    """Many shrinks of the pending set (capacity 2 x k with k >= the block) and chunking change nothing."""
     q, w, k = _indexer_inputs(1, 4, 90, 4, 16, seed=3)
     expect = ref.dsa_topk_indices(q, w, k, 20)
     assert torch.equal(tri.dsa_topk_indices(q, w, k, 20), expect)
-    monkeypatch.setitem(tri.TOPK_CONFIG, "select_rank_sort_max", 64)
     assert torch.equal(tri.dsa_topk_indices(q, w, k, 20, chunk_size=1), expect)
+    monkeypatch.setitem(tri.TOPK_CONFIG, "select_sample", 0)
+    assert torch.equal(tri.dsa_topk_indices(q, w, k, 20), expect)
 
 
 @cpu

@@ -36,7 +36,6 @@ import gc
 import importlib.util
 import inspect
 import json
-import math
 import os
 import platform
 import sys
@@ -204,8 +203,9 @@ class Runner:
     def row(self, base: dict, fn, est_s: float = 0.0, reserve_s: float = 0.0):
         """Run ``fn() -> dict`` as one row unless ``est_s + reserve_s`` exceeds the remaining budget."""
         rec = dict(base)
-        if est_s + reserve_s > self.remaining():
-            rec.update(status="skipped", reason=f"predicted {est_s:.0f}s (+{reserve_s:.0f}s reserved) > {self.remaining():.0f}s left")
+        if fn is None or est_s + reserve_s > self.remaining():
+            rec.setdefault("reason", f"predicted {est_s:.0f}s (+{reserve_s:.0f}s reserved) > {self.remaining():.0f}s left")
+            rec["status"] = "skipped"
         else:
             reset_peak(self.device)
             t0 = time.perf_counter()
@@ -321,7 +321,7 @@ def moe_layer_rows(run: Runner, mk, tiny: bool, device, dtype):
 
     cfg = keye_config(mk, tiny)
     N = 64 if tiny else 8192
-    H, I, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+    H, I, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     flops = 2 * N * k * (H * 2 * I + I * H)
     torch.manual_seed(0)
     block = build(KeyeVL2SparseMoeBlock, cfg, device, dtype)
@@ -357,7 +357,6 @@ def moe_layer_rows(run: Runner, mk, tiny: bool, device, dtype):
             run.save()
             print(f"    moe_block_{impl}: {r['ratio_to_dense_gemm']}x the dense GEMM time (target <= 2x)", flush=True)
     cfg.moe_implementation = "auto"
-    del block, x, a, w1, w2, h
 
 
 def predict(prev: dict, ctx: int, power: float) -> float:
@@ -385,11 +384,14 @@ def video_inputs(B_frames: int, h: int, w: int, device, dtype, vocab_text: int, 
     return input_ids, {"pixel_values_videos": patches, "video_grid_thw": grid}
 
 
-def keye_rows(run: Runner, mk, args, device, dtype, plan, reserve_for_qwen: float):
+def keye_rows(run: Runner, mk, args, device, dtype, plan, name: str):
+    """Rows of one Keye phase. ``keye_dsa``: prefill 8K/32K/128K, decode, the 256K prompt + 256 tokens (with
+    the memory split), the one-hour video. ``keye_sdpa``: prefill, decode, the video, the dense 256K prompt."""
     tiny = args.tiny
     cfg = keye_config(mk, tiny)
     t0 = time.perf_counter()
     model = build(mk.KeyeVL2MoeForConditionalGeneration, cfg, device, dtype)
+    run.clock.sync()
     run.data["meta"]["keye_build_s"] = round(time.perf_counter() - t0, 1)
     run.data["meta"]["keye_params"] = sum(p.numel() for p in model.parameters())
     weights = n_bytes(model)
@@ -397,161 +399,135 @@ def keye_rows(run: Runner, mk, args, device, dtype, plan, reserve_for_qwen: floa
           f"{weights / GiB:.1f} GiB", flush=True)
     from keye_vl.modeling_keye import modeling_keye_vl_2 as mm
 
-    measured = {"keye_dsa": {}, "keye_sdpa": {}}
+    impl = args.dsa if name == "keye_dsa" else "sdpa"
+    model.set_attn_implementation(impl)
+    fam = Family(mk, model, name)
+    chunk = plan["chunk"] if name == "keye_dsa" else None
+    backend = mm._dsa_backend(impl, torch.device(device)).__name__.rsplit(".", 1)[-1] if name == "keye_dsa" else "sdpa"
+    run.data["meta"][f"{name}_attention"] = {"attn_implementation": impl, "backend": backend, "prefill_chunk_size": chunk}
+    run.save()
+    measured: dict[int, float] = {}
+    power = 1.5 if name == "keye_dsa" else 2.0
+    max_ctx = plan["max_ctx_torch_dsa"] if impl == "dsa_torch" else plan["max_pos"]
 
-    def long_generate():
-        """keye_dsa: the 256K prompt (chunked prefill) + 256 greedy tokens; peak memory split."""
-        model.set_attn_implementation(run.data["meta"]["keye_dsa_attention"]["attn_implementation"])
-        fam = Family(mk, model, "keye_dsa")
-        T, G = plan["max_pos"] - plan["gen"], plan["gen"]
-        base = {"kind": "long_generate", "model": "keye_dsa", "context": T, "generated": G, "batch": 1,
-                "attn": run.data["meta"]["keye_dsa_attention"]["attn_implementation"]}
+    # warm-up (kernel loads / JIT), recorded as its own row so a hang or failure here is visible
+    def warm():
+        model.config.prefill_chunk_size = chunk
+        w = plan["warm"]
+        with torch.inference_mode():
+            s, out, cache = do_prefill(fam, random_ids(1, w, device, 99), run.clock, w + 4)
+            d = do_decode(fam, cache, 1, w, 2, 1, run.clock, device)
+        return {"prefill_s": round(s, 3), "decode_2_steps_s": round(d, 3), "backend": backend}
+
+    r = run.row({"kind": "warmup", "model": name, "context": plan["warm"], "attn": impl}, warm)
+    if r["status"] != "ok":
+        return
+
+    for T in plan["prefill"]:  # the "256K" prompt comes later (long_generate / dense long row)
+        base = {"kind": "prefill", "model": name, "context": T, "batch": 1, "attn": impl}
+        if T > max_ctx:
+            run.row({**base, "reason": f"{impl} limited to {max_ctx} tokens in this run"}, None, est_s=float("inf"))
+            continue
+
+        def fn(T=T):
+            model.config.prefill_chunk_size = chunk if (chunk and T > chunk) else None
+            ids = random_ids(1, T, device, T)
+            with torch.inference_mode():
+                s, out, cache = do_prefill(fam, ids, run.clock, T)
+                reps = [s]
+                if T <= plan["repeat_below"]:
+                    del out, cache
+                    reps.append(do_prefill(fam, ids, run.clock, T)[0])
+            s = min(reps)
+            measured[T] = s
+            return {"ttft_s": round(s, 4), "tokens_per_s": round(T / s, 1), "prefill_s": round(s, 4)}
+
+        run.row(base, fn, est_s=predict(measured, T, power) * 1.2 + plan["overhead"])
+
+    for ctx in plan["decode_ctx"]:  # decode rows (synthetic caches)
+        for B in plan["decode_batch"]:
+            if ctx > max_ctx:
+                continue
+            kv_gib = B * ctx * fam.layers * fam.kv_heads * fam.head_dim * 2 * 2 / GiB
+
+            def fn(ctx=ctx, B=B):
+                steps, warm_steps = plan["decode_steps"], 2
+                with torch.inference_mode():
+                    cache = fam.filled_cache(B, ctx, ctx + steps + warm_steps, device, dtype)
+                    s = do_decode(fam, cache, B, ctx, steps, warm_steps, run.clock, device)
+                return {"tokens_per_s": round(B * steps / s, 2), "ms_per_step": round(1e3 * s / steps, 2),
+                        "steps": steps, "kv_cache_gib": round(kv_gib, 1), "cache": "synthetic random K/V"}
+
+            run.row({"kind": "decode", "model": name, "context": ctx, "batch": B, "attn": impl}, fn,
+                    est_s=plan["decode_est"])
+
+    T_long, G = plan["max_pos"] - plan["gen"], plan["gen"]
+    if name == "keye_dsa":  # the 256K prompt + 256 greedy tokens; peak memory split
+        base = {"kind": "long_generate", "model": name, "context": T_long, "generated": G, "batch": 1, "attn": impl}
 
         def long_fn():
-            model.config.prefill_chunk_size = plan["chunk"]
-            ids = random_ids(1, T, device, 7)
+            model.config.prefill_chunk_size = chunk
+            ids = random_ids(1, T_long, device, 7)
             with torch.inference_mode():
-                s, out, cache = do_prefill(fam, ids, run.clock, T + G)
+                s, out, cache = do_prefill(fam, ids, run.clock, T_long + G)
                 del out
-                d = do_decode(fam, cache, 1, T, G - 2, 1, run.clock, device)  # + the prefill's token = G tokens
+                d = do_decode(fam, cache, 1, T_long, G - 2, 1, run.clock, device)  # + the prefill's token = G tokens
                 peak = torch.cuda.max_memory_allocated() if run.clock.cuda else 0
                 mem = cache.memory_bytes()
             rest = peak - weights - mem["kv_allocated"] - mem["indexer_allocated"]
-            return {"ttft_s": round(s, 3), "prefill_tokens_per_s": round(T / s, 1), "decode_tokens_per_s": round((G - 2) / d, 2),
-                    "memory_gib": {"weights": round(weights / GiB, 2), "kv_cache_allocated": round(mem["kv_allocated"] / GiB, 2),
+            return {"ttft_s": round(s, 3), "prefill_tokens_per_s": round(T_long / s, 1),
+                    "decode_tokens_per_s": round((G - 2) / d, 2),
+                    "memory_gib": {"weights": round(weights / GiB, 2),
+                                   "kv_cache_allocated": round(mem["kv_allocated"] / GiB, 2),
                                    "kv_cache_used": round(mem["kv_used"] / GiB, 2),
                                    "indexer_cache_allocated": round(mem["indexer_allocated"] / GiB, 3),
                                    "activations_workspace_peak": round(rest / GiB, 2) if peak else None,
                                    "peak_allocated": round(peak / GiB, 2) if peak else None,
                                    "peak_reserved": round(torch.cuda.max_memory_reserved() / GiB, 2) if run.clock.cuda else None}}
 
-        dsa_ok = base["attn"] != "dsa_torch" or T <= plan["max_ctx_torch_dsa"]
-        est = predict(measured["keye_dsa"], T, 1.5) * 1.2 + G * plan["step_est"] + plan["overhead"]
-        if dsa_ok:
-            r = run.row(base, long_fn, est_s=est, reserve_s=reserve_for_qwen)
-            pre = {"kind": "prefill", "model": "keye_dsa", "context": T, "batch": 1, "attn": base["attn"],
-                   "from": "long_generate row (same prefill)"}
+        if T_long > max_ctx:
+            run.row({**base, "reason": f"{impl} limited to {max_ctx} tokens in this run"}, None, est_s=float("inf"))
+        else:
+            est = predict(measured, T_long, power) * 1.2 + G * plan["step_est"] + plan["overhead"]
+            r = run.row(base, long_fn, est_s=est)
+            pre = {"kind": "prefill", "model": name, "context": T_long, "batch": 1, "attn": impl,
+                   "from": "long_generate row (same prefill)", "status": r.get("status")}
             if r.get("status") == "ok":
-                measured["keye_dsa"][T] = r["ttft_s"]
-                pre.update(status="ok", ttft_s=r["ttft_s"], tokens_per_s=r["prefill_tokens_per_s"], prefill_s=r["ttft_s"],
+                measured[T_long] = r["ttft_s"]
+                pre.update(ttft_s=r["ttft_s"], tokens_per_s=r["prefill_tokens_per_s"], prefill_s=r["ttft_s"],
                            peak_gib=r["peak_gib"])
             else:
-                pre.update(status=r.get("status"), reason=r.get("reason") or r.get("error"))
+                pre["reason"] = r.get("reason") or r.get("error")
             run.data["rows"].append(pre)
             run.save()
-        else:
-            run.row(base, None, est_s=float("inf"))
 
-    dsa_impl = args.dsa
-    for name in ("keye_dsa", "keye_sdpa"):
-        impl = dsa_impl if name == "keye_dsa" else "sdpa"
-        model.set_attn_implementation(impl)
-        fam = Family(mk, model, name)
-        chunk = plan["chunk"] if name == "keye_dsa" else None
-        backend = mm._dsa_backend(impl, torch.device(device)).__name__.rsplit(".", 1)[-1] if name == "keye_dsa" else "sdpa"
-        run.data["meta"][f"{name}_attention"] = {"attn_implementation": impl, "backend": backend, "prefill_chunk_size": chunk}
-        # warm-up (kernel loads / JIT), not recorded as a row
-        with torch.inference_mode():
-            try:
-                model.config.prefill_chunk_size = chunk
-                w = plan["warm"]
-                s, out, cache = do_prefill(fam, random_ids(1, w, device, 99), run.clock, w + 4)
-                do_decode(fam, cache, 1, w, 2, 1, run.clock, device)
-                print(f"{name} warm-up prefill {w}: {s:.2f}s (backend {backend})", flush=True)
-                del out, cache
-            except Exception as e:  # noqa: BLE001
-                print(f"{name} warm-up failed: {type(e).__name__}: {e}", flush=True)
-                traceback.print_exc()
-                if name == "keye_dsa" and impl != "dsa_torch":
-                    impl = "dsa_torch"
-                    model.set_attn_implementation(impl)
-                    run.data["meta"][f"{name}_attention"].update(attn_implementation=impl, backend="keye_dsa_reference",
-                                                                 fallback_reason=f"{type(e).__name__}: {str(e)[:300]}")
-        max_ctx = plan["max_ctx_torch_dsa"] if impl == "dsa_torch" else plan["max_pos"]
-        power = 1.5 if name == "keye_dsa" else 2.0
-        for T in plan["prefill"]:  # the "256K" prompt comes later (long_generate / dense long row)
-            est = predict(measured[name], T, power) * 1.2 + plan["overhead"]
-            base = {"kind": "prefill", "model": name, "context": T, "batch": 1, "attn": impl}
-            if T > max_ctx:
-                run.row(base, None, est_s=float("inf"))
-                run.data["rows"][-1]["reason"] = f"{impl} limited to {max_ctx} tokens here"
-                run.save()
-                continue
-
-            def fn(T=T, fam=fam, chunk=chunk):
-                model.config.prefill_chunk_size = chunk if (chunk and T > chunk) else None
-                ids = random_ids(1, T, device, T)
-                with torch.inference_mode():
-                    s, out, cache = do_prefill(fam, ids, run.clock, T)
-                    reps = [s]
-                    if T <= plan["repeat_below"]:
-                        del out, cache
-                        s2, out, cache = do_prefill(fam, ids, run.clock, T)
-                        reps.append(s2)
-                s = min(reps)
-                measured[name][T] = s
-                return {"ttft_s": round(s, 4), "tokens_per_s": round(T / s, 1), "prefill_s": round(s, 4)}
-
-            run.row(base, fn, est_s=est, reserve_s=reserve_for_qwen)
-        # decode rows (synthetic caches)
-        for ctx in plan["decode_ctx"]:
-            for B in plan["decode_batch"]:
-                if ctx > max_ctx:
-                    continue
-                base = {"kind": "decode", "model": name, "context": ctx, "batch": B, "attn": impl}
-                kv_gib = B * ctx * fam.layers * fam.kv_heads * fam.head_dim * 2 * 2 / GiB
-
-                def fn(ctx=ctx, B=B, fam=fam):
-                    steps, warm = plan["decode_steps"], 2
-                    with torch.inference_mode():
-                        cache = fam.filled_cache(B, ctx, ctx + steps + warm, device, dtype)
-                        s = do_decode(fam, cache, B, ctx, steps, warm, run.clock, device)
-                    return {"tokens_per_s": round(B * steps / s, 2), "ms_per_step": round(1e3 * s / steps, 2),
-                            "steps": steps, "kv_cache_gib": round(kv_gib, 1), "cache": "synthetic random K/V"}
-
-                run.row(base, fn, est_s=plan["decode_est"], reserve_s=reserve_for_qwen)
-        if name == "keye_dsa":
-            long_generate()  # before the dense rows: the 256K memory target matters most
-    # video of about one hour at the spec budget (keye_dsa; then keye_sdpa if time is left)
+    # video of about one hour at the spec budget
     F, h, w = plan["video"]
-    for name in ("keye_dsa", "keye_sdpa"):
-        impl = run.data["meta"][f"{name}_attention"]["attn_implementation"]
-        model.set_attn_implementation(impl)
-        fam = Family(mk, model, name)
-        ids, vis = video_inputs(F, h, w, device, dtype, 150000, cfg)
-        T = ids.shape[1]
-        power = 1.5 if name == "keye_dsa" else 2.0
-        est = predict(measured[name], T, power) * 1.3 + plan["overhead"] + plan["vit_est"]
-        base = {"kind": "video_prefill", "model": name, "context": T, "frames": F, "tokens_per_frame": (h // 2) * (w // 2),
-                "patches": F * h * w, "batch": 1, "attn": impl}
-        if impl == "dsa_torch" and T > plan["max_ctx_torch_dsa"]:
-            run.row(base, None, est_s=float("inf"))
-            continue
-
-        def vfn(fam=fam, ids=ids, vis=vis, T=T, name=name):
-            model.config.prefill_chunk_size = plan["chunk"] if name == "keye_dsa" else None
+    ids, vis = video_inputs(F, h, w, device, dtype, 150000, cfg)
+    T = ids.shape[1]
+    base = {"kind": "video_prefill", "model": name, "context": T, "frames": F, "tokens_per_frame": (h // 2) * (w // 2),
+            "patches": F * h * w, "batch": 1, "attn": impl}
+    if T > max_ctx:
+        run.row({**base, "reason": f"{impl} limited to {max_ctx} tokens in this run"}, None, est_s=float("inf"))
+    else:
+        def vfn():
+            model.config.prefill_chunk_size = chunk
             with torch.inference_mode():
                 s, out, cache = do_prefill(fam, ids, run.clock, T + 4, **vis)
             return {"ttft_s": round(s, 3), "tokens_per_s": round(T / s, 1)}
 
-        run.row(base, vfn, est_s=est, reserve_s=reserve_for_qwen)
-        del ids, vis
-    # dense 256K prefill, if the time left allows it
-    model.set_attn_implementation("sdpa")
-    fam = Family(mk, model, "keye_sdpa")
-    T = plan["max_pos"] - plan["gen"]
-    est = predict(measured["keye_sdpa"], T, 2.0) * 1.2 + plan["overhead"]
+        run.row(base, vfn, est_s=predict(measured, T, power) * 1.3 + plan["overhead"] + plan["vit_est"])
 
-    def dense_long(T=T):
-        model.config.prefill_chunk_size = None
-        with torch.inference_mode():
-            s, out, cache = do_prefill(fam, random_ids(1, T, device, T), run.clock, T)
-        return {"ttft_s": round(s, 3), "tokens_per_s": round(T / s, 1), "prefill_s": round(s, 3)}
+    if name == "keye_sdpa":  # dense 256K prompt, one shot
+        def dense_long():
+            model.config.prefill_chunk_size = None
+            with torch.inference_mode():
+                s, out, cache = do_prefill(fam, random_ids(1, T_long, device, T_long), run.clock, T_long)
+            return {"ttft_s": round(s, 3), "tokens_per_s": round(T_long / s, 1), "prefill_s": round(s, 3)}
 
-    run.row({"kind": "prefill", "model": "keye_sdpa", "context": T, "batch": 1, "attn": "sdpa"}, dense_long,
-            est_s=est, reserve_s=reserve_for_qwen)
-    del model
-    reset_peak(device)
+        run.row({"kind": "prefill", "model": name, "context": T_long, "batch": 1, "attn": impl}, dense_long,
+                est_s=predict(measured, T_long, power) * 1.2 + plan["overhead"])
+    reset_peak(device)  # the model is freed when this function returns
 
 
 def qwen_rows(run: Runner, args, device, dtype, plan):
@@ -568,11 +544,16 @@ def qwen_rows(run: Runner, args, device, dtype, plan):
     }
     print(f"qwen built in {time.perf_counter() - t0:.1f}s: {run.data['meta']['qwen_params'] / 1e9:.2f}B params", flush=True)
     fam = Family(None, model, "qwen3_vl_moe")
-    with torch.inference_mode():
+
+    def warm():
         w = plan["warm"]
-        s, out, cache = do_prefill(fam, random_ids(1, w, device, 99), run.clock, None)
-        do_decode(fam, cache, 1, w, 2, 1, run.clock, device)
-        del out, cache
+        with torch.inference_mode():
+            s, out, cache = do_prefill(fam, random_ids(1, w, device, 99), run.clock, None)
+            d = do_decode(fam, cache, 1, w, 2, 1, run.clock, device)
+        return {"prefill_s": round(s, 3), "decode_2_steps_s": round(d, 3)}
+
+    if run.row({"kind": "warmup", "model": "qwen3_vl_moe", "context": plan["warm"], "attn": "sdpa"}, warm)["status"] != "ok":
+        return
     measured = {}
     for T in plan["prefill"]:  # the "256K" prompt after the decode rows
         est = predict(measured, T, 2.0) * 1.2 + plan["overhead"]
@@ -612,8 +593,7 @@ def qwen_rows(run: Runner, args, device, dtype, plan):
         return {"ttft_s": round(s, 3), "tokens_per_s": round(T / s, 1), "prefill_s": round(s, 3)}
 
     run.row({"kind": "prefill", "model": "qwen3_vl_moe", "context": T, "batch": 1, "attn": "sdpa"}, long_fn, est_s=est)
-    del model
-    reset_peak(device)
+    reset_peak(device)  # the model is freed when this function returns
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -713,33 +693,12 @@ def make_plan(tiny: bool) -> dict:
                 max_ctx_torch_dsa=32768)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="CPU, tiny configs, a few seconds (CI smoke test)")
-    p.add_argument("--output", default=None, help="JSON path (rewritten after every row)")
-    p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--plot-only", default=None, metavar="JSON", help="only redraw the PNG from this JSON")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; rows that would not fit are skipped")
-    p.add_argument("--dsa", default="dsa", choices=["dsa", "dsa_triton", "dsa_torch"], help="attn_implementation of the DSA rows")
-    p.add_argument("--models", default="keye,qwen", help="comma list: keye (rows a and b), qwen (rows c)")
-    p.add_argument("--skip-moe", action="store_true")
-    args = p.parse_args(argv)
+PHASES = ("moe", "keye_sdpa", "qwen3_vl_moe", "keye_dsa")
+# seconds per phase in full mode (each phase is a child process killed at its limit); None = what is left
+PHASE_SHARE = {"moe": 30.0, "keye_sdpa": 120.0, "qwen3_vl_moe": 110.0, "keye_dsa": None}
 
-    if args.plot_only:
-        data = json.loads(Path(args.plot_only).read_text())
-        png = args.plot or str(Path(args.plot_only).with_suffix(".png"))
-        make_plot(data, png)
-        print_table(data)
-        return 0
 
-    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
-    if not args.tiny and device == "cpu":
-        raise SystemExit("full-size mode needs a CUDA GPU (31B bf16 parameters); use --tiny on CPU")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    if device == "cpu":
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    mk = import_keye()
+def environment(device, dtype, args) -> dict:
     import transformers
 
     meta = {
@@ -753,24 +712,123 @@ def main(argv=None):
         meta["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         meta["triton"] = None
+    meta["plan"] = make_plan(args.tiny)
+    return meta
+
+
+def run_phase(phase: str, args, device, dtype) -> None:
+    """One phase in this process, appending its rows to ``args.output``."""
+    mk = import_keye()
+    run = Runner(args, device, environment(device, dtype, args))
+    if args.output and Path(args.output).exists():  # rows of the earlier phases
+        old = json.loads(Path(args.output).read_text())
+        run.data["rows"] = old.get("rows", [])
+        run.data["meta"] = {**old.get("meta", {}), **{k: v for k, v in run.data["meta"].items() if k not in ("budget_s", "date")}}
     plan = make_plan(args.tiny)
-    meta["plan"] = {k: v for k, v in plan.items()}
-    run = Runner(args, device, meta)
-    models = set(args.models.split(","))
-    if not args.skip_moe:
+    if phase == "moe":
         moe_layer_rows(run, mk, args.tiny, device, dtype)
-    reserve_q = 0.0 if args.tiny or "qwen" not in models else 75.0
-    if "keye" in models:
-        keye_rows(run, mk, args, device, dtype, plan, reserve_q)
-    if "qwen" in models:
+    elif phase in ("keye_dsa", "keye_sdpa"):
+        keye_rows(run, mk, args, device, dtype, plan, phase)
+    elif phase == "qwen3_vl_moe":
         qwen_rows(run, args, device, dtype, plan)
-    run.data["summary"] = summarize(run.data)
+    else:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
     run.save()
+
+
+def append_row(path: str, row: dict) -> None:
+    data = json.loads(Path(path).read_text())
+    data["rows"].append(row)
+    Path(path).write_text(json.dumps(data, indent=1))
+    print(json.dumps(row), flush=True)
+
+
+def orchestrate(args, device, dtype, phases: list[str]) -> None:
+    """Run the phases one after the other, each in a child process killed at its share of the budget (a GPU
+    kernel that hangs cannot be interrupted from inside the process), so one phase cannot sink the others.
+    If the DSA phase fails with the Triton kernels, it runs again with the torch reference (short contexts)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    deadline = t0 + args.budget
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps({"meta": environment(device, dtype, args), "rows": []}, indent=1))
+    queue = list(phases)
+    while queue:
+        phase, dsa = queue.pop(0), args.dsa
+        if phase.endswith("@dsa_torch"):
+            phase, dsa = phase.split("@")[0], "dsa_torch"
+        left = deadline - time.perf_counter()
+        share = PHASE_SHARE.get(phase) or left
+        share = min(share, left) if not args.tiny else left
+        if share < (20 if not args.tiny else 1):
+            append_row(args.output, {"kind": "phase", "model": phase, "status": "skipped", "reason": f"{left:.0f}s left"})
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--output", args.output,
+               "--budget", str(max(5.0, share - 12.0)), "--dsa", dsa] + (["--tiny"] if args.tiny else [])
+        print(f"=== phase {phase} (dsa={dsa}), {share:.0f}s", flush=True)
+        start = time.perf_counter()
+        try:
+            rc = subprocess.run(cmd, timeout=share).returncode
+            status = "ok" if rc == 0 else "error"
+        except subprocess.TimeoutExpired:
+            rc, status = None, "timeout"
+        row = {"kind": "phase", "model": phase, "attn": dsa if phase == "keye_dsa" else None, "status": status,
+               "returncode": rc, "wall_s": round(time.perf_counter() - start, 1), "limit_s": round(share, 1)}
+        append_row(args.output, row)
+        if phase == "keye_dsa" and dsa != "dsa_torch":
+            rows = json.loads(Path(args.output).read_text())["rows"]
+            warm = [r for r in rows if r["kind"] == "warmup" and r["model"] == "keye_dsa"]
+            if status != "ok" or (warm and warm[-1]["status"] != "ok"):
+                queue.append("keye_dsa@dsa_torch")  # the reference, limited to short contexts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU, tiny configs, a few seconds (CI smoke test)")
+    p.add_argument("--output", default=None, help="JSON path (rewritten after every row)")
+    p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--plot-only", default=None, metavar="JSON", help="only redraw the PNG (and table) from this JSON")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; rows that would not fit are skipped")
+    p.add_argument("--dsa", default="dsa", choices=["dsa", "dsa_triton", "dsa_torch"], help="attn_implementation of the DSA rows")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma list out of {PHASES} (run in this order)")
+    p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase in this process
+    p.add_argument("--subprocess", action="store_true", help="child process per phase in --tiny mode too")
+    args = p.parse_args(argv)
+
+    if args.plot_only:
+        data = json.loads(Path(args.plot_only).read_text())
+        data["summary"] = summarize(data)
+        make_plot(data, args.plot or str(Path(args.plot_only).with_suffix(".png")))
+        print_table(data)
+        return 0
+
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if not args.tiny and device == "cpu":
+        raise SystemExit("full-size mode needs a CUDA GPU (31B bf16 parameters); use --tiny on CPU")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if device == "cpu":
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if args.phase:
+        run_phase(args.phase, args, device, dtype)
+        return 0
+    if args.output is None:
+        args.output = str(Path(os.environ.get("TMPDIR", "/tmp")) / "keye_e2e.json")
+    phases = [ph for ph in args.phases.split(",") if ph]
+    if args.tiny and not args.subprocess:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).unlink(missing_ok=True)
+        for ph in phases:
+            run_phase(ph, args, device, dtype)
+    else:
+        orchestrate(args, device, dtype, phases)
+    data = json.loads(Path(args.output).read_text())
+    data["summary"] = summarize(data)
+    Path(args.output).write_text(json.dumps(data, indent=1))
     if not args.no_plot:
-        png = args.plot or (str(Path(args.output).with_suffix(".png")) if args.output else None)
-        if png:
-            make_plot(run.data, png)
-    print_table(run.data)
+        make_plot(data, args.plot or str(Path(args.output).with_suffix(".png")))
+    print_table(data)
     return 0
 
 

@@ -1,0 +1,396 @@
+"""Dense causal attention (SDPA: cuDNN and flash backends) vs DSA (indexer top-k + sparse attention), one layer.
+
+Full-size shapes of Keye-VL-2.0: 32 query heads, 4 KV heads, head_dim 128, indexer 16 heads x 64 dims with one
+key head, top-k 2048, bf16, batch 1 unless stated. Measures, each with its peak memory:
+
+* prefill forward at the contexts of ``--contexts`` (queries = keys = S): dense cuDNN, dense flash, and DSA
+  split into ``dsa_topk_indices`` (indexer scoring + top-k) and ``sparse_attention``;
+* decode (one new token per sequence against a cache) at ``--decode-contexts`` x ``--decode-batches``: dense
+  flash (GQA folded into the query length, no KV expansion) vs DSA (top-k over the cached indexer keys +
+  sparse attention over the KV cache), eager and, when capture works, CUDA-graph replay;
+* forward+backward at ``--train-context``: dense cuDNN / flash vs DSA (top-k without grad + sparse attention
+  forward and backward; the indexer KL loss, sparse stage, timed separately).
+
+Times are medians of CUDA-event-timed calls after a warm-up call (compilation excluded). Writes JSON to
+``--output`` after every measurement (a crash or timeout keeps what was done) and prints a table at the end.
+Run on the GPU machine: ``python benchmarks/dsa_attention.py --output results.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+HQ, HKV, D, HI, DI, TOPK = 32, 4, 128, 16, 64, 2048
+
+
+def _import_kernels():
+    try:
+        from keye_vl.kernels import keye_dsa_triton as tri
+    except ImportError:  # run from a checkout without installation
+        import importlib
+        import os
+        import types
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        pkg = types.ModuleType("keye_vl")
+        pkg.__path__ = []
+        sys.modules.setdefault("keye_vl", pkg)
+        spec = importlib.util.spec_from_file_location("keye_vl.kernels", os.path.join(root, "kernels", "__init__.py"),
+                                                      submodule_search_locations=[os.path.join(root, "kernels")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["keye_vl.kernels"] = mod
+        spec.loader.exec_module(mod)
+        tri = importlib.import_module("keye_vl.kernels.keye_dsa_triton")
+    return tri
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def bench(fn, budget_s=1.0, min_reps=3, max_reps=100):
+    """Median ms of fn() over repeated CUDA-event-timed calls (after one warm-up call)."""
+    fn()
+    _sync()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    _sync()
+    est = s.elapsed_time(e)
+    reps = int(max(min_reps, min(max_reps, budget_s * 1e3 / max(est, 1e-3))))
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        _sync()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def bench_graph(fn, reps=200):
+    """Median ms per replay of a CUDA graph of fn() (None if capture fails)."""
+    try:
+        fn()
+        _sync()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        _sync()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        _sync()
+        times = []
+        for _ in range(5):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(reps // 5):
+                g.replay()
+            e.record()
+            _sync()
+            times.append(s.elapsed_time(e) / (reps // 5))
+        return statistics.median(times)
+    except Exception as exc:  # noqa: BLE001
+        print("  graph capture failed:", repr(exc)[:200], flush=True)
+        return None
+
+
+def peak_mib(fn):
+    """Peak extra memory (MiB) allocated during one call of fn()."""
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    _sync()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def sdpa(q, k, v, backend, causal=True, expand=False):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] (heads-first views)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    with sdpa_kernel([be]):
+        if expand:
+            rep = q.shape[1] // k.shape[1]
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                  is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def pick_sdpa(q, k, v, backend, causal=True):
+    """Run SDPA natively with GQA if the backend takes it, else with K/V expanded to Hq heads (noted)."""
+    try:
+        sdpa(q, k, v, backend, causal, expand=False)
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+class Recorder:
+    def __init__(self, path, meta):
+        self.path = path
+        self.data = dict(meta=meta, prefill=[], decode=[], train=[], errors=[])
+        self.flush()
+
+    def add(self, section, row):
+        self.data[section].append(row)
+        print(json.dumps(row), flush=True)
+        self.flush()
+
+    def error(self, what, exc):
+        msg = f"{what}: {type(exc).__name__}: {str(exc)[:400]}"
+        print("ERROR", msg, flush=True)
+        self.data["errors"].append(msg)
+        self.flush()
+
+    def flush(self):
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.data, f, indent=1)
+
+
+def rnd(*shape, scale=1.0):
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
+
+
+def measure_prefill(rec, tri, S, reps_budget, dense=True):
+    row = dict(context=S, batch=1)
+    q, k, v = rnd(1, S, HQ, D), rnd(1, S, HKV, D), rnd(1, S, HKV, D)
+    qi, wi, ki = rnd(1, S, HI, DI), rnd(1, S, HI, scale=0.25), rnd(1, S, DI)
+    scaling = D ** -0.5
+    flops_dense = 4 * HQ * D * S * (S + 1) / 2
+    if dense:
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        for backend in ("cudnn", "flash"):
+            try:
+                expand = pick_sdpa(qh[:, :, :256], kh[:, :, :256], vh[:, :, :256], backend)
+                ms = bench(lambda: sdpa(qh, kh, vh, backend, expand=expand), reps_budget, min_reps=2)
+                row[f"dense_{backend}_ms"] = ms
+                row[f"dense_{backend}_tflops"] = flops_dense / ms / 1e9
+                row[f"dense_{backend}_kv_expanded"] = expand
+                row[f"dense_{backend}_peak_mib"] = peak_mib(lambda: sdpa(qh, kh, vh, backend, expand=expand))
+            except Exception as exc:  # noqa: BLE001
+                rec.error(f"prefill {S} dense {backend}", exc)
+        del qh, kh, vh
+    try:
+        idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
+        row["dsa_topk_ms"] = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), reps_budget, min_reps=2)
+        row["dsa_topk_peak_mib"] = peak_mib(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK))
+        row["dsa_sparse_fwd_ms"] = bench(lambda: tri.sparse_attention(q, k, v, idx, scaling=scaling), reps_budget,
+                                         min_reps=2)
+        row["dsa_sparse_fwd_peak_mib"] = peak_mib(lambda: tri.sparse_attention(q, k, v, idx, scaling=scaling))
+        row["dsa_total_ms"] = row["dsa_topk_ms"] + row["dsa_sparse_fwd_ms"]
+        nk = (idx >= 0).sum().item()  # listed (query, key) pairs
+        gathered = nk * HKV * 2 * D * 2  # K and V rows of every KV head, bf16
+        row["sparse_pairs"] = nk
+        row["sparse_gathered_GB"] = gathered / 1e9
+        row["sparse_fwd_gathered_TBps"] = gathered / row["dsa_sparse_fwd_ms"] / 1e9
+        row["sparse_fwd_tflops"] = 4 * HQ * D * nk / row["dsa_sparse_fwd_ms"] / 1e9
+        row["indexer_tflops"] = 2 * HI * DI * S * (S + 1) / 2 / row["dsa_topk_ms"] / 1e9
+        for backend in ("cudnn", "flash"):
+            if f"dense_{backend}_ms" in row:
+                row[f"dsa_over_{backend}"] = row["dsa_total_ms"] / row[f"dense_{backend}_ms"]
+        del idx
+    except Exception as exc:  # noqa: BLE001
+        rec.error(f"prefill {S} dsa", exc)
+        traceback.print_exc()
+    rec.add("prefill", row)
+    del q, k, v, qi, wi, ki
+    torch.cuda.empty_cache()
+
+
+def measure_decode(rec, tri, S, B, reps_budget):
+    row = dict(context=S, batch=B)
+    try:
+        kc, vc = rnd(B, S, HKV, D), rnd(B, S, HKV, D)
+        ki = rnd(B, S, DI)
+        q = rnd(B, 1, HQ, D)
+        qi, wi = rnd(B, 1, HI, DI), rnd(B, 1, HI, scale=0.25)
+        scaling = D ** -0.5
+        # dense decode: GQA folded into the query length (all keys visible), no KV copy
+        qd = q.view(B, HKV, HQ // HKV, D)
+        kd, vd = kc.transpose(1, 2), vc.transpose(1, 2)
+
+        def dense():
+            return sdpa(qd, kd, vd, "flash", causal=False, expand=False) if not fold_fail else \
+                sdpa(q.transpose(1, 2), kd, vd, "flash", causal=False, expand=True)
+
+        fold_fail = False
+        try:
+            dense()
+        except Exception:  # noqa: BLE001
+            fold_fail = True
+        row["dense_flash_ms"] = bench(dense, reps_budget, min_reps=10)
+        row["dense_flash_graph_ms"] = bench_graph(dense)
+        row["dense_kv_bytes_GB"] = kc.numel() * 2 * 2 / 1e9
+
+        def dsa():
+            idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
+            return tri.sparse_attention(q, kc, vc, idx, scaling=scaling)
+
+        idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
+        row["dsa_topk_ms"] = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), reps_budget, min_reps=10)
+        row["dsa_sparse_ms"] = bench(lambda: tri.sparse_attention(q, kc, vc, idx, scaling=scaling), reps_budget,
+                                     min_reps=10)
+        row["dsa_total_ms"] = bench(dsa, reps_budget, min_reps=10)
+        row["dsa_total_graph_ms"] = bench_graph(dsa)
+        row["dsa_peak_mib"] = peak_mib(dsa)
+        row["dsa_over_flash"] = row["dsa_total_ms"] / row["dense_flash_ms"]
+        if row["dsa_total_graph_ms"] and row["dense_flash_graph_ms"]:
+            row["dsa_over_flash_graph"] = row["dsa_total_graph_ms"] / row["dense_flash_graph_ms"]
+        del kc, vc, ki, idx
+    except Exception as exc:  # noqa: BLE001
+        rec.error(f"decode {S} B{B}", exc)
+        traceback.print_exc()
+    rec.add("decode", row)
+    torch.cuda.empty_cache()
+
+
+def measure_train(rec, tri, S, reps_budget):
+    row = dict(context=S, batch=1)
+    scaling = D ** -0.5
+    q, k, v = (x.requires_grad_() for x in (rnd(1, S, HQ, D), rnd(1, S, HKV, D), rnd(1, S, HKV, D)))
+    qi, wi, ki = rnd(1, S, HI, DI), rnd(1, S, HI, scale=0.25), rnd(1, S, DI)
+    do = rnd(1, S, HQ, D)
+    flops_dense = 4 * HQ * D * S * (S + 1) / 2 * 3.5  # fwd + bwd (2.5x fwd)
+    for backend in ("cudnn", "flash"):
+        try:
+            qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            expand = pick_sdpa(qh[:, :, :256].detach(), kh[:, :, :256].detach(), vh[:, :, :256].detach(), backend)
+
+            def fb():
+                o = sdpa(qh, kh, vh, backend, expand=expand)
+                return torch.autograd.grad(o, (q, k, v), do.transpose(1, 2))
+
+            row[f"dense_{backend}_fwd_bwd_ms"] = bench(fb, reps_budget, min_reps=2)
+            row[f"dense_{backend}_fwd_bwd_tflops"] = flops_dense / row[f"dense_{backend}_fwd_bwd_ms"] / 1e9
+            row[f"dense_{backend}_fwd_bwd_peak_mib"] = peak_mib(fb)
+        except Exception as exc:  # noqa: BLE001
+            rec.error(f"train {S} dense {backend}", exc)
+    try:
+        idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
+        nk = (idx >= 0).sum().item()
+
+        def sfwd():
+            return tri.sparse_attention(q, k, v, idx, scaling=scaling)
+
+        o = sfwd()
+        row["dsa_topk_ms"] = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), reps_budget, min_reps=2)
+        row["dsa_sparse_fwd_ms"] = bench(lambda: sfwd().detach(), reps_budget, min_reps=2)
+        row["dsa_sparse_bwd_ms"] = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True),
+                                         reps_budget, min_reps=2)
+        row["dsa_sparse_bwd_tflops"] = 10 * HQ * D * nk / row["dsa_sparse_bwd_ms"] / 1e9
+        row["dsa_fwd_bwd_ms"] = row["dsa_topk_ms"] + row["dsa_sparse_fwd_ms"] + row["dsa_sparse_bwd_ms"]
+        row["dsa_fwd_bwd_peak_mib"] = peak_mib(lambda: torch.autograd.grad(sfwd(), (q, k, v), do))
+        for backend in ("cudnn", "flash"):
+            if f"dense_{backend}_fwd_bwd_ms" in row:
+                row[f"dsa_over_{backend}"] = row["dsa_fwd_bwd_ms"] / row[f"dense_{backend}_fwd_bwd_ms"]
+        # indexer KL loss, sparse stage (what trains the indexer during sparse adaptation)
+        qi_g, wi_g, ki_g = (x.clone().requires_grad_() for x in (qi, wi, ki))
+
+        def kl():
+            loss = tri.indexer_kl_loss(q.detach(), k.detach(), scaling, qi_g, wi_g, ki_g, indices=idx)
+            return torch.autograd.grad(loss, (qi_g, wi_g, ki_g))
+
+        row["indexer_kl_sparse_fwd_bwd_ms"] = bench(kl, reps_budget, min_reps=2)
+        del o, idx
+    except Exception as exc:  # noqa: BLE001
+        rec.error(f"train {S} dsa", exc)
+        traceback.print_exc()
+    rec.add("train", row)
+    torch.cuda.empty_cache()
+
+
+def ceilings(rec):
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), 0.3, min_reps=5)
+    a, b = rnd(8192, 8192), rnd(8192, 8192)
+    mm = bench(lambda: a @ b, 0.3, min_reps=5)
+    rec.data["meta"]["copy_TBps"] = 2 * 2**30 / ms / 1e9
+    rec.data["meta"]["bf16_matmul_tflops"] = 2 * 8192**3 / mm / 1e9
+    rec.flush()
+    del x, y, a, b
+
+
+def table(data):
+    lines = ["prefill (batch 1, fwd):", f"{'S':>7} {'cuDNN ms':>9} {'flash ms':>9} {'topk ms':>8} {'sparse ms':>9} "
+             f"{'DSA ms':>8} {'DSA/cuDNN':>9} {'gath TB/s':>9} {'topk MiB':>9}"]
+    for r in data["prefill"]:
+        lines.append(f"{r['context']:>7} {r.get('dense_cudnn_ms', float('nan')):>9.2f} "
+                     f"{r.get('dense_flash_ms', float('nan')):>9.2f} {r.get('dsa_topk_ms', float('nan')):>8.2f} "
+                     f"{r.get('dsa_sparse_fwd_ms', float('nan')):>9.2f} {r.get('dsa_total_ms', float('nan')):>8.2f} "
+                     f"{r.get('dsa_over_cudnn', float('nan')):>9.3f} {r.get('sparse_fwd_gathered_TBps', float('nan')):>9.2f} "
+                     f"{r.get('dsa_topk_peak_mib', float('nan')):>9.0f}")
+    lines.append("decode (1 token per sequence):")
+    lines.append(f"{'S':>7} {'B':>3} {'flash ms':>9} {'topk ms':>8} {'sparse ms':>9} {'DSA ms':>8} {'DSA/flash':>9} "
+                 f"{'graph ratio':>11}")
+    for r in data["decode"]:
+        lines.append(f"{r['context']:>7} {r['batch']:>3} {r.get('dense_flash_ms', float('nan')):>9.3f} "
+                     f"{r.get('dsa_topk_ms', float('nan')):>8.3f} {r.get('dsa_sparse_ms', float('nan')):>9.3f} "
+                     f"{r.get('dsa_total_ms', float('nan')):>8.3f} {r.get('dsa_over_flash', float('nan')):>9.3f} "
+                     f"{r.get('dsa_over_flash_graph') or float('nan'):>11.3f}")
+    for r in data["train"]:
+        lines.append(f"fwd+bwd S={r['context']}: " + ", ".join(f"{k}={v:.3g}" for k, v in r.items()
+                                                              if isinstance(v, float)))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="JSON file to write")
+    p.add_argument("--contexts", default="8192,32768,65536,131072,262144")
+    p.add_argument("--decode-contexts", default="32768,131072")
+    p.add_argument("--decode-batches", default="1,32")
+    p.add_argument("--train-context", type=int, default=32768)
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per measurement")
+    p.add_argument("--no-dense-above", type=int, default=1 << 30, help="skip dense prefill above this context")
+    p.add_argument("--set", action="append", default=[], help="CONFIG override key=value (top-k or attention)")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/dsa_attention.py needs a CUDA GPU")
+    tri = _import_kernels()
+    for kv in a.set:
+        key, val = kv.split("=")
+        cfg = tri.TOPK_CONFIG if key in tri.TOPK_CONFIG else tri.CONFIG
+        cfg[key] = type(cfg[key])(val)
+    import triton
+
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                shapes=dict(Hq=HQ, Hkv=HKV, D=D, H_I=HI, D_I=DI, topk=TOPK, dtype="bf16"),
+                topk_config=dict(tri.TOPK_CONFIG), attn_config=dict(tri.CONFIG), started=time.ctime())
+    rec = Recorder(a.output, meta)
+    torch.manual_seed(0)
+    t0 = time.time()
+    ceilings(rec)
+    for S in [int(x) for x in a.contexts.split(",") if x]:
+        measure_prefill(rec, tri, S, a.budget, dense=S <= a.no_dense_above)
+    for S in [int(x) for x in a.decode_contexts.split(",") if x]:
+        for B in [int(x) for x in a.decode_batches.split(",") if x]:
+            measure_decode(rec, tri, S, B, a.budget)
+    if a.train_context:
+        measure_train(rec, tri, a.train_context, a.budget)
+    rec.data["meta"]["wall_s"] = time.time() - t0
+    rec.flush()
+    print(table(rec.data))
+
+
+if __name__ == "__main__":
+    main()

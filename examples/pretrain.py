@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import BatchStream, PackedStream, SampleEncoder, StreamState, load_processor  # noqa: E402
+from data import BatchStream, PackedStream, Prefetcher, SampleEncoder, StreamState, load_processor  # noqa: E402
 
 STAGES = {
     "align": dict(learning_rate=1e-3, max_seq_len=8192, attn="sdpa", indexer_loss=None),
@@ -84,6 +84,7 @@ class PretrainArguments:
     pack: bool = field(default=True, metadata={"help": "Pack several samples per sequence (--no_pack: one each)."})
     per_device_batch_size: int = field(default=1, metadata={"help": "Packed sequences per micro-batch and device."})
     cache_samples: int = field(default=0, metadata={"help": "Keep this many encoded samples in memory (LRU)."})
+    prefetch: int = field(default=2, metadata={"help": "Micro-batches prepared ahead in a background thread (0 = off)."})
     # ---- optimisation
     max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
     gradient_accumulation_steps: int = 1
@@ -131,8 +132,12 @@ class PretrainArguments:
 # ----------------------------------------------------------------------------------------------------------------
 # Model and stage
 # ----------------------------------------------------------------------------------------------------------------
-def build_model(args: PretrainArguments):
-    """Load the checkpoint or build a random model (fp32 master weights), with the stage's attention."""
+def build_model(args: PretrainArguments, device: torch.device | None = None):
+    """Load the checkpoint or build a random model (fp32 master weights), with the stage's attention.
+
+    A random model is built directly on ``device`` when it is a GPU (initialising billions of weights on the CPU
+    is slow); every process uses the same seed, so the replicas are identical.
+    """
     from keye_vl.modeling_keye import KeyeVL2Config, KeyeVL2MoeForConditionalGeneration, tiny_config
 
     if args.model_name_or_path:
@@ -144,7 +149,8 @@ def build_model(args: PretrainArguments):
         spec = args.model_config
         fields = json.load(open(spec)) if os.path.isfile(spec) else json.loads(spec)
         config = tiny_config(**fields.pop("tiny_overrides")) if "tiny_overrides" in fields else KeyeVL2Config(**fields)
-    model = KeyeVL2MoeForConditionalGeneration(config)
+    with torch.device(device if device is not None and device.type == "cuda" else "cpu"):
+        model = KeyeVL2MoeForConditionalGeneration(config)
     model.set_attn_implementation(args.attn_implementation)
     return model
 
@@ -297,7 +303,7 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
     stage = STAGES[args.stage]
 
     # ---- model
-    model = configure_stage(build_model(args), args)
+    model = configure_stage(build_model(args, accelerator.device), args)
     base = model.get_base_model() if args.lora else model
     config = base.config
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -328,8 +334,9 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
     packs = PackedStream(args.train_file, encoder, args.max_seq_len, pack=args.pack, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, state=data_state, cache_size=args.cache_samples)
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if "visual." in n or "mlp_AR." in n)
-    batches = iter(BatchStream(packs, args.per_device_batch_size, config.pad_token_id,
-                               ensure_vision_config=config if accelerator.num_processes > 1 and vision_trains else None))
+    batches = Prefetcher(BatchStream(packs, args.per_device_batch_size, config.pad_token_id,
+                                     ensure_vision_config=config if accelerator.num_processes > 1 and vision_trains else None),
+                         args.prefetch)
 
     # ---- tracking
     hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(args).items()}
@@ -377,8 +384,9 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
                    "indexer_loss": stats[3].item(), "tokens_per_s_per_device": stats[4].item(),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": _to_float(grad_norm), "step_time_s": dt,
                    "tokens_this_device": tokens}
-            if device.type == "cuda":
-                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda":  # the largest over the processes
+                peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+                row["peak_memory_gib"] = accelerator.gather(peak).max().item()
             history.append(row)
             accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -390,6 +398,7 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
         if interrupted:
             break
     bar.close()
+    batches.close()
     elapsed = time.perf_counter() - t_start
     summary = {
         "final_step": step, "parameters_total": n_total, "parameters_trained": n_train,
@@ -399,7 +408,8 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     if device.type == "cuda":
-        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        summary["peak_memory_gib"] = max((r.get("peak_memory_gib", 0.0) for r in history), default=0.0)
+        summary["peak_reserved_gib_rank0"] = torch.cuda.max_memory_reserved(device) / 2**30
     if args.save_final and step >= args.max_steps:
         summary["final_dir"] = save_final(accelerator, model, processor, args)
     if accelerator.is_main_process and args.log_json:

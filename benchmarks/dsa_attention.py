@@ -318,6 +318,41 @@ def measure_train(rec, tri, S, reps_budget):
     torch.cuda.empty_cache()
 
 
+def sweep(rec, tri, S, budget):
+    """Time a few kernel configurations at one context (to choose the defaults); restores CONFIG after."""
+    q, k, v = rnd(1, S, HQ, D), rnd(1, S, HKV, D), rnd(1, S, HKV, D)
+    qi, wi, ki = rnd(1, S, HI, DI), rnd(1, S, HI, scale=0.25), rnd(1, S, DI)
+    idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
+    out = []
+    variants = [("topk", {}), ("topk", {"score_bq": 16}), ("topk", {"score_bq": 4, "score_warps": 4}),
+                ("topk", {"select_warps": 4}), ("topk", {"select_block": 1024}), ("topk", {"select_sample": 0}),
+                ("topk", {"select_cap_mult": 4}),
+                ("attn", {}), ("attn", {"attn_bk": 32}), ("attn", {"attn_bk": 128}), ("attn", {"attn_warps": 8}),
+                ("attn", {"attn_stages": 3})]
+    for kind, over in variants:
+        cfg = tri.TOPK_CONFIG if kind == "topk" else tri.CONFIG
+        saved = dict(cfg)
+        try:
+            cfg.update(over)
+            if kind == "topk":
+                ms = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), budget, min_reps=2)
+                same = bool(torch.equal(tri.dsa_topk_indices(qi, wi, ki, TOPK), idx))
+            else:
+                ms = bench(lambda: tri.sparse_attention(q, k, v, idx, scaling=D ** -0.5), budget, min_reps=2)
+                same = True
+            out.append(dict(kind=kind, override=over, ms=ms, same_result=same))
+            print("sweep", out[-1], flush=True)
+        except Exception as exc:  # noqa: BLE001
+            rec.error(f"sweep {kind} {over}", exc)
+        finally:
+            cfg.clear()
+            cfg.update(saved)
+    rec.data["sweep"] = dict(context=S, rows=out)
+    rec.flush()
+    del q, k, v, qi, wi, ki, idx
+    torch.cuda.empty_cache()
+
+
 def ceilings(rec):
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -362,6 +397,7 @@ def main(argv=None):
     p.add_argument("--train-context", type=int, default=32768)
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per measurement")
     p.add_argument("--no-dense-above", type=int, default=1 << 30, help="skip dense prefill above this context")
+    p.add_argument("--sweep", type=int, default=0, help="also time config variants at this context (0 = no)")
     p.add_argument("--set", action="append", default=[], help="CONFIG override key=value (top-k or attention)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -380,6 +416,8 @@ def main(argv=None):
     torch.manual_seed(0)
     t0 = time.time()
     ceilings(rec)
+    if a.sweep:
+        sweep(rec, tri, a.sweep, min(a.budget, 0.5))
     for S in [int(x) for x in a.contexts.split(",") if x]:
         measure_prefill(rec, tri, S, a.budget, dense=S <= a.no_dense_above)
     for S in [int(x) for x in a.decode_contexts.split(",") if x]:

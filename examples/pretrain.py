@@ -287,13 +287,18 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
     ``model`` (unwrapped).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import AutocastKwargs, set_seed
     from tqdm.auto import tqdm
     from transformers import HfArgumentParser, get_scheduler
 
     if args is None:
         (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses()
+    # Under FSDP the mixed-precision policy already runs the model in bf16 (weights cast per unit); autocast on top
+    # would run the LayerNorm of the DSA indexer keys in fp32 while its queries stay bf16, which the DSA kernels
+    # refuse (they need one dtype). So autocast is off there.
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
     accelerator = Accelerator(
+        kwargs_handlers=[AutocastKwargs(enabled=False)] if fsdp else None,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=None if os.environ.get("ACCELERATE_MIXED_PRECISION") else args.mixed_precision,
         log_with="tensorboard" if args.report_to == "tensorboard" else None,

@@ -954,7 +954,8 @@ class KeyeVL2Experts(nn.Module):
         N, k = top_k_index.shape
         H, I, E = x.shape[-1], self.intermediate_size, self.num_experts
         dtype = self._compute_dtype(x)
-        flat = top_k_index.reshape(-1)  # [N*k]
+        key_dtype = torch.int16 if E <= torch.iinfo(torch.int16).max else torch.int32  # fewer radix passes
+        flat = top_k_index.reshape(-1).to(key_dtype)  # [N*k]
         sorted_expert, order = torch.sort(flat, stable=True)  # order[r] = flat pair at sorted row r
         experts = torch.arange(E, device=x.device, dtype=sorted_expert.dtype)
         offs = torch.searchsorted(sorted_expert, experts, right=True, out_int32=True)  # [E] row ends, no sync

@@ -33,7 +33,8 @@ from torch import nn
 from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicIndexedLayer, DynamicLayer
+from transformers import cache_utils as _cache_utils
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
@@ -54,6 +55,8 @@ except Exception:  # pragma: no cover - depends on the machine
     _HAS_TRITON = False
 
 logger = logging.get_logger(__name__)
+# transformers' own DSA cache layer (5.1x+); converted into ours when a cache holding it is wrapped
+DynamicIndexedLayer = getattr(_cache_utils, "DynamicIndexedLayer", DynamicLayer)
 
 
 # transformers 5.2x renamed the cache field of model outputs from `past_key_values` to `cache` (and turned
@@ -615,8 +618,17 @@ def eager_attention(q, k, v, mask, scaling, dropout=0.0, training=False):
 
 
 def sdpa_attention(q, k, v, mask, scaling, dropout=0.0, training=False, is_causal=False):
-    """Dense attention through ``F.scaled_dot_product_attention``; same contract as :func:`eager_attention`."""
-    n_rep = q.shape[1] // k.shape[1]
+    """Dense attention through ``F.scaled_dot_product_attention``; same contract as :func:`eager_attention`.
+
+    Decode (one query token): the ``n_rep`` query heads of a KV group become the rows of one attention against that
+    group's keys, so the cache is read once and never repeated ``n_rep`` times.
+    """
+    B, Hq, T, D = q.shape
+    n_rep = Hq // k.shape[1]
+    if T == 1 and n_rep > 1 and not (training and dropout):
+        qg = q.reshape(B, k.shape[1], n_rep, D)  # heads g*n_rep .. g*n_rep+n_rep-1 share kv head g
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # mask [B, 1, 1, S] broadcasts
+        return out.reshape(B, Hq, 1, D).transpose(1, 2), None
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=None if is_causal else mask, dropout_p=dropout if training else 0.0,
@@ -1651,6 +1663,8 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
         chunks = [(0, T)]
         if chunk and T > chunk and past_key_values is not None and segment_ids is None and not indexer_loss:
             chunks = [(s, min(s + int(chunk), T)) for s in range(0, T, int(chunk))]
+        if len(chunks) > 1 and isinstance(past_key_values, KeyeVL2Cache):
+            past_key_values.reserve(past_len + T)  # one allocation for the whole chunked prefill
         hs, all_h, all_a, routers, kls = [], [], [], [], []
         for s, e in chunks:
             km = key_mask[:, : past_len + e] if key_mask is not None else None
@@ -1765,9 +1779,12 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Use :class:`KeyeVL2Cache` (K/V + indexer keys) where ``generate`` would build a plain DynamicCache."""
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        # (generation_mode, batch_size, max_cache_length) follow in 5.17 through 5.2x: size the cache once for
+        # prompt + max_new_tokens instead of growing it
+        max_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
         for key in ("cache", "past_key_values"):
             if type(model_kwargs.get(key)) is DynamicCache and model_kwargs[key].get_seq_length() == 0:
-                model_kwargs[key] = KeyeVL2Cache()
+                model_kwargs[key] = KeyeVL2Cache(capacity=int(max_len) if isinstance(max_len, int) and max_len > 0 else None)
         return result
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):

@@ -193,6 +193,12 @@ def measure_prefill(rec, tri, S, reps_budget, dense=True):
         idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
         row["dsa_topk_ms"] = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), reps_budget, min_reps=2)
         row["dsa_topk_peak_mib"] = peak_mib(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK))
+        tri.TOPK_CONFIG["_score_only"] = True
+        try:
+            row["dsa_topk_scoring_only_ms"] = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), reps_budget,
+                                                    min_reps=2)
+        finally:
+            tri.TOPK_CONFIG["_score_only"] = False
         row["dsa_sparse_fwd_ms"] = bench(lambda: tri.sparse_attention(q, k, v, idx, scaling=scaling), reps_budget,
                                          min_reps=2)
         row["dsa_sparse_fwd_peak_mib"] = peak_mib(lambda: tri.sparse_attention(q, k, v, idx, scaling=scaling))
@@ -318,38 +324,89 @@ def measure_train(rec, tri, S, reps_budget):
     torch.cuda.empty_cache()
 
 
-def sweep(rec, tri, S, budget):
-    """Time a few kernel configurations at one context (to choose the defaults); restores CONFIG after."""
-    q, k, v = rnd(1, S, HQ, D), rnd(1, S, HKV, D), rnd(1, S, HKV, D)
-    qi, wi, ki = rnd(1, S, HI, DI), rnd(1, S, HI, scale=0.25), rnd(1, S, DI)
-    idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
-    out = []
-    variants = [("topk", {}), ("topk", {"score_bq": 16}), ("topk", {"score_bq": 4, "score_warps": 4}),
-                ("topk", {"select_warps": 4}), ("topk", {"select_block": 1024}), ("topk", {"select_sample": 0}),
-                ("topk", {"select_cap_mult": 4}),
-                ("attn", {}), ("attn", {"attn_bk": 32}), ("attn", {"attn_bk": 128}), ("attn", {"attn_warps": 8}),
-                ("attn", {"attn_stages": 3})]
-    for kind, over in variants:
-        cfg = tri.TOPK_CONFIG if kind == "topk" else tri.CONFIG
+def _try_variants(rec, cfg, variants, run, label):
+    """Time run() under each override set of cfg (restored after); returns rows sorted by time."""
+    rows = []
+    for over in variants:
         saved = dict(cfg)
         try:
             cfg.update(over)
-            if kind == "topk":
-                ms = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), budget, min_reps=2)
-                same = bool(torch.equal(tri.dsa_topk_indices(qi, wi, ki, TOPK), idx))
-            else:
-                ms = bench(lambda: tri.sparse_attention(q, k, v, idx, scaling=D ** -0.5), budget, min_reps=2)
-                same = True
-            out.append(dict(kind=kind, override=over, ms=ms, same_result=same))
-            print("sweep", out[-1], flush=True)
+            ms, same = run()
+            rows.append(dict(override=over, ms=ms, same_result=same))
+            print("sweep", label, rows[-1], flush=True)
         except Exception as exc:  # noqa: BLE001
-            rec.error(f"sweep {kind} {over}", exc)
+            rec.error(f"sweep {label} {over}", exc)
         finally:
             cfg.clear()
             cfg.update(saved)
-    rec.data["sweep"] = dict(context=S, rows=out)
-    rec.flush()
+    return rows
+
+
+def sweep(rec, tri, S, budget, apply=True, decode=(32, 131072)):
+    """Time kernel configurations (prefill at context S, decode at 128K x 32) and, with apply, keep the fastest
+    correct one of each group for the rest of the run (greedy: scoring, then selection, decode, attention)."""
+    res = dict(context=S)
+    q, k, v = rnd(1, S, HQ, D), rnd(1, S, HKV, D), rnd(1, S, HKV, D)
+    qi, wi, ki = rnd(1, S, HI, DI), rnd(1, S, HI, scale=0.25), rnd(1, S, DI)
+    idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
+    T = tri.TOPK_CONFIG
+
+    def score_only():
+        T["_score_only"] = True
+        try:
+            return bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), budget, min_reps=2), True
+        finally:
+            T["_score_only"] = False
+
+    def full():
+        ms = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), budget, min_reps=2)
+        return ms, bool(torch.equal(tri.dsa_topk_indices(qi, wi, ki, TOPK), idx))
+
+    groups = [
+        ("score", T, score_only, [{}, {"score_bq": 16}, {"score_mode": 1}, {"score_mode": 1, "score_bq": 16},
+                                  {"score_mode": 2, "score_bq": 16, "score_warps": 4},
+                                  {"score_mode": 2, "score_bq": 64, "score_warps": 8},
+                                  {"score_bq": 4, "score_warps": 4}]),
+        ("select", T, full, [{}, {"select_warps": 4}, {"select_block": 1024, "select_warps": 4},
+                             {"select_block": 1024}, {"select_block": 256, "select_warps": 4},
+                             {"select_cap_mult": 4}]),
+        ("attn", tri.CONFIG, lambda: (bench(lambda: tri.sparse_attention(q, k, v, idx, scaling=D ** -0.5), budget,
+                                            min_reps=2), True),
+         [{}, {"attn_bk": 128}, {"attn_bk": 128, "attn_warps": 8}, {"attn_bk": 128, "attn_stages": 3}]),
+    ]
+    for label, cfg, run, variants in groups:
+        rows = _try_variants(rec, cfg, variants, run, label)
+        res[label] = rows
+        ok = [r for r in rows if r["same_result"]]
+        if apply and ok:
+            best = min(ok, key=lambda r: r["ms"])
+            cfg.update(best["override"])
+            res[label + "_chosen"] = best["override"]
     del q, k, v, qi, wi, ki, idx
+    torch.cuda.empty_cache()
+    # decode: few long rows (split rows, bigger blocks)
+    B, Sd = decode
+    qd, wd, kd = rnd(B, 1, HI, DI), rnd(B, 1, HI, scale=0.25), rnd(B, Sd, DI)
+    ref_idx = tri.dsa_topk_indices(qd, wd, kd, TOPK)
+
+    def dec():
+        ms = bench(lambda: tri.dsa_topk_indices(qd, wd, kd, TOPK), budget, min_reps=10)
+        return ms, bool(torch.equal(tri.dsa_topk_indices(qd, wd, kd, TOPK), ref_idx))
+
+    rows = _try_variants(rec, T, [{}, {"select_block_few_rows": 1024, "select_warps_few_rows": 8},
+                                  {"select_block_few_rows": 4096, "select_warps_few_rows": 16},
+                                  {"select_block_few_rows": 512, "select_warps_few_rows": 8}], dec, "decode_select")
+    res["decode_select"] = rows
+    ok = [r for r in rows if r["same_result"]]
+    if apply and ok:
+        best = min(ok, key=lambda r: r["ms"])
+        T.update(best["override"])
+        res["decode_select_chosen"] = best["override"]
+    rec.data["sweep"] = res
+    rec.data["meta"]["topk_config_after_sweep"] = dict(T)
+    rec.data["meta"]["attn_config_after_sweep"] = dict(tri.CONFIG)
+    rec.flush()
+    del qd, wd, kd, ref_idx
     torch.cuda.empty_cache()
 
 
@@ -397,7 +454,8 @@ def main(argv=None):
     p.add_argument("--train-context", type=int, default=32768)
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per measurement")
     p.add_argument("--no-dense-above", type=int, default=1 << 30, help="skip dense prefill above this context")
-    p.add_argument("--sweep", type=int, default=0, help="also time config variants at this context (0 = no)")
+    p.add_argument("--sweep", type=int, default=0,
+                   help="first time config variants at this context and keep the fastest correct ones (0 = no)")
     p.add_argument("--set", action="append", default=[], help="CONFIG override key=value (top-k or attention)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -417,7 +475,7 @@ def main(argv=None):
     t0 = time.time()
     ceilings(rec)
     if a.sweep:
-        sweep(rec, tri, a.sweep, min(a.budget, 0.5))
+        sweep(rec, tri, a.sweep, min(a.budget, 0.3))
     for S in [int(x) for x in a.contexts.split(",") if x]:
         measure_prefill(rec, tri, S, a.budget, dense=S <= a.no_dense_above)
     for S in [int(x) for x in a.decode_contexts.split(",") if x]:

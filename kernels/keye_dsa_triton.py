@@ -40,7 +40,7 @@ __all__ = ["HAS_TRITON", "dsa_topk_indices", "sparse_attention", "indexer_kl_los
 
 # Tunables of the sparse-attention kernels (the benchmark may override them); top-k: TOPK_CONFIG.
 CONFIG = {
-    "attn_bk": 64,                  # gathered keys per sparse-attention step
+    "attn_bk": 128,                 # gathered keys per sparse-attention step
     "attn_warps": 4,
     "attn_stages": 2,
     "attn_bwd_warps": 4,

@@ -47,6 +47,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # fixed a
 # Tunables (the benchmark may override them).
 CONFIG = {
     "score_buffer_bytes": 1 << 31,  # bound of the per-chunk score buffer (int32 keys)
+    "score_mode": 0,                # 0: [bq*H, D] x [D, bk] dot; 1: transposed; 2: one dot per head (bq >= 16)
     "score_bq": 8,                  # queries per indexer tile (rows of the dot = bq * H_I)
     "score_bk": 128,                # keys per indexer step
     "score_warps": 8,
@@ -54,7 +55,10 @@ CONFIG = {
     "select_block": 512,            # row elements per step of the top-k stream
     "select_cap_mult": 2,           # pending-set capacity = mult * next_pow2(topk)
     "select_warps": 8,
+    "select_block_few_rows": 2048,  # block / warps when a chunk has few rows (decode: rows are split)
+    "select_warps_few_rows": 16,
     "select_sample": 1024,          # strided sample of a long row for the first threshold (0 = off)
+    "_score_only": False,           # benchmarking aid: skip the selection (the output is then garbage)
 }
 
 
@@ -118,9 +122,12 @@ if HAS_TRITON:
         scale,
         H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
         HAS_KM: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        MODE: tl.constexpr,
     ):
         # q: [B, T, H, D], w: [B, T, H], k: [B, S, D], km: [B, S] int8, seg: [B, S] int64,
-        # out: [B, t1 - t0, L] int32 (row r = query t0 + r)
+        # out: [B, t1 - t0, L] int32 (row r = query t0 + r).
+        # MODE 0: one dot [BQ*HP, D] x [D, BK], head sum over a reshape; MODE 1: the transposed dot
+        # [BK, D] x [D, BQ*HP] (heads on the minor axis); MODE 2: one [BQ, D] x [D, BK] dot per head (BQ >= 16).
         pid_q = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         pid_s = tl.program_id(2)
@@ -132,12 +139,13 @@ if HAS_TRITON:
         h_m = m % HP
         row_ok_m = (tq_m < t1) & (h_m < H)
         d = tl.arange(0, D)
-        qv = tl.load(q_ptr + b * sqb + tq_m.to(tl.int64)[:, None] * sqt + h_m[:, None] * sqh + d[None, :],
-                     mask=row_ok_m[:, None], other=0.0)
-        wv = tl.load(w_ptr + b * swb + tq_m.to(tl.int64) * swt + h_m * swh, mask=row_ok_m, other=0.0)
-        wv = wv.to(tl.float32) * scale
-        if UPCAST:
-            qv = qv.to(tl.float32)
+        if MODE < 2:
+            qv = tl.load(q_ptr + b * sqb + tq_m.to(tl.int64)[:, None] * sqt + h_m[:, None] * sqh + d[None, :],
+                         mask=row_ok_m[:, None], other=0.0)
+            wv = tl.load(w_ptr + b * swb + tq_m.to(tl.int64) * swt + h_m * swh, mask=row_ok_m, other=0.0)
+            wv = wv.to(tl.float32) * scale
+            if UPCAST:
+                qv = qv.to(tl.float32)
 
         tq = t0 + pid_q * BQ + tl.arange(0, BQ)
         rmask = tq < t1
@@ -157,9 +165,24 @@ if HAS_TRITON:
             kv = tl.load(k_ptr + b * skb + s.to(tl.int64)[:, None] * sks + d[None, :], mask=smask[:, None], other=0.0)
             if UPCAST:
                 kv = kv.to(tl.float32)
-            qk = tl.dot(qv, tl.trans(kv), input_precision=PRECISION)  # [M, BK] fp32
-            qk = tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * wv[:, None]  # relu(NaN) = NaN, as torch
-            sc = tl.sum(tl.reshape(qk, (BQ, HP, BK)), axis=1)  # [BQ, BK]
+            if MODE == 0:
+                qk = tl.dot(qv, tl.trans(kv), input_precision=PRECISION)  # [M, BK] fp32
+                qk = tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * wv[:, None]  # relu(NaN) = NaN (torch)
+                sc = tl.sum(tl.reshape(qk, (BQ, HP, BK)), axis=1)  # [BQ, BK]
+            elif MODE == 1:
+                kq = tl.dot(kv, tl.trans(qv), input_precision=PRECISION)  # [BK, M] fp32
+                kq = tl.maximum(kq, 0.0, propagate_nan=tl.PropagateNan.ALL) * wv[None, :]
+                sc = tl.trans(tl.sum(tl.reshape(kq, (BK, BQ, HP)), axis=2))  # [BQ, BK]
+            else:
+                sc = tl.zeros([BQ, BK], tl.float32)
+                for h in tl.static_range(H):
+                    qh = tl.load(q_ptr + b * sqb + tq.to(tl.int64)[:, None] * sqt + h * sqh + d[None, :],
+                                 mask=rmask[:, None], other=0.0)
+                    wh = tl.load(w_ptr + b * swb + tq.to(tl.int64) * swt + h * swh, mask=rmask, other=0.0)
+                    if UPCAST:
+                        qh = qh.to(tl.float32)
+                    qk = tl.dot(qh, tl.trans(kv), input_precision=PRECISION)
+                    sc += tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * (wh.to(tl.float32) * scale)[:, None]
             allowed = (s[None, :] <= qpos[:, None]) & smask[None, :]
             if HAS_KM:
                 kmv = tl.load(km_ptr + b * S + s, mask=smask, other=0)
@@ -339,13 +362,15 @@ def _select_topk(keys, qo, out, topk: int, t0: int) -> None:
     R = B * Tc
     dev = keys.device
     CAND = _next_pow2(topk)
-    if _INTERPRET:  # small vectors keep the interpreter fast
-        BLOCK, SAMPLE = 16, (16 if CONFIG["select_sample"] else 0)
-    else:
-        BLOCK, SAMPLE = min(CONFIG["select_block"], max(16, _next_pow2(L))), CONFIG["select_sample"]
-    CAP = max(CAND * CONFIG["select_cap_mult"], 2 * BLOCK)
-    meta = dict(TOPK=topk, CAND=CAND, CAP=CAP, BLOCK=BLOCK, num_warps=CONFIG["select_warps"], num_stages=1)
+    BLOCK, SAMPLE = 16, (16 if CONFIG["select_sample"] else 0)  # the interpreter's (small vectors: fast there)
     nsm = _num_sms(dev)
+    few = R < 2 * nsm
+    warps = CONFIG["select_warps_few_rows" if few else "select_warps"]
+    if not _INTERPRET:
+        BLOCK = min(CONFIG["select_block_few_rows" if few else "select_block"], max(16, _next_pow2(L)))
+        SAMPLE = CONFIG["select_sample"]
+    CAP = max(CAND * CONFIG["select_cap_mult"], 2 * BLOCK)
+    meta = dict(TOPK=topk, CAND=CAND, CAP=CAP, BLOCK=BLOCK, num_warps=warps, num_stages=1)
     nsplit = 1
     if R < 2 * nsm and L > 8 * CAND:
         nsplit = max(1, min(-(-2 * nsm // R), L // (4 * CAND), 64))
@@ -427,9 +452,10 @@ def dsa_topk_indices(q, w, k, topk, *, q_offset=None, key_mask=None, segment_ids
     interp = _INTERPRET
     HP = _next_pow2(H)
     BK = CONFIG["score_bk"]
+    mode = CONFIG["score_mode"] if T >= 16 else 0  # one dot per head needs >= 16 queries per tile
     BQ = max(1, min(CONFIG["score_bq"], _next_pow2(T)))
-    BQ = max(BQ, -(-16 // HP))  # the dot needs >= 16 rows
-    warps = CONFIG["score_warps"] if BQ * HP >= 128 else 4
+    BQ = max(BQ, 16 if mode == 2 else -(-16 // HP))  # the dots need >= 16 rows
+    warps = CONFIG["score_warps"] if (BQ * HP >= 128 if mode < 2 else BQ >= 64) else 4
     precision = "ieee" if (q.dtype == torch.float32 or interp) else "tf32"
     max_end = max_off + T  # exclusive end of the last query's keys
     nsm = _num_sms(dev)
@@ -460,6 +486,7 @@ def dsa_topk_indices(q, w, k, topk, *, q_offset=None, key_mask=None, segment_ids
             k.stride(0), k.stride(1), keys.stride(0), keys.stride(1),
             D ** -0.5,
             H=H, HP=HP, D=D, BQ=BQ, BK=BK, HAS_KM=km is not None, HAS_SEG=seg is not None,
-            UPCAST=interp, PRECISION=precision, num_warps=warps, num_stages=CONFIG["score_stages"])
-        _select_topk(keys, qo, out, topk, t0)
+            UPCAST=interp, PRECISION=precision, MODE=mode, num_warps=warps, num_stages=CONFIG["score_stages"])
+        if not CONFIG["_score_only"]:
+            _select_topk(keys, qo, out, topk, t0)
     return out

@@ -89,6 +89,16 @@ def test_topk_small_capacity_and_chunks(monkeypatch):
 
 
 @cpu
+@pytest.mark.parametrize("mode", [1, 2])
+def test_topk_score_modes(monkeypatch, mode):
+    """The alternative scoring layouts (transposed dot; one dot per head) give the same top-k."""
+    monkeypatch.setitem(tri.TOPK_CONFIG, "score_mode", mode)
+    q, w, k = _indexer_inputs(2, 20, 70, 4, 16, seed=23)
+    k[0, 5] = float("nan")
+    assert torch.equal(tri.dsa_topk_indices(q, w, k, 9), ref.dsa_topk_indices(q, w, k, 9))
+
+
+@cpu
 def test_topk_sampled_threshold_fallback():
     """A row whose sampled keys are its best ones: the sampled threshold lets too few keys through and the
     row is streamed again without it (exactness never depends on the sample)."""

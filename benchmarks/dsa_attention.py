@@ -372,7 +372,7 @@ def sweep(rec, tri, S, budget, apply=True, decode=(32, 131072)):
                              {"select_cap_mult": 4}]),
         ("attn", tri.CONFIG, lambda: (bench(lambda: tri.sparse_attention(q, k, v, idx, scaling=D ** -0.5), budget,
                                             min_reps=2), True),
-         [{}, {"attn_bk": 128}, {"attn_bk": 128, "attn_warps": 8}, {"attn_bk": 128, "attn_stages": 3}]),
+         [{}, {"attn_bk": 64}, {"attn_warps": 8}, {"attn_stages": 3}]),
     ]
     for label, cfg, run, variants in groups:
         rows = _try_variants(rec, cfg, variants, run, label)

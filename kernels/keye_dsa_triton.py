@@ -43,6 +43,7 @@ CONFIG = {
     "attn_bk": 128,                 # gathered keys per sparse-attention step
     "attn_warps": 4,
     "attn_stages": 2,
+    "attn_bwd_bk": 64,
     "attn_bwd_warps": 4,
     "attn_bwd_stages": 1,
 }
@@ -245,7 +246,7 @@ def _sparse_attn_bwd(q, k, v, indices, o, lse, do, scaling):
             v.stride(0), v.stride(1), v.stride(2), indices.stride(0), indices.stride(1),
             do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            BK=CONFIG["attn_bk"], num_warps=CONFIG["attn_bwd_warps"], num_stages=CONFIG["attn_bwd_stages"],
+            BK=CONFIG["attn_bwd_bk"], num_warps=CONFIG["attn_bwd_warps"], num_stages=CONFIG["attn_bwd_stages"],
             **_attn_meta(q, k, v))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

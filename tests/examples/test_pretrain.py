@@ -263,6 +263,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(processor, files, tiny_
             torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_sparse_kl_needs_no_segment_ids_given_topk_lists():
+    """What makes ``pretrain.drop_segments_from_sparse_kl`` exact: the top-k lists respect the segments."""
+    from keye_vl.modeling_keye import keye_dsa_reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, D, HI, DI = 1, 96, 4, 2, 16, 2, 16
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 25, 31]))[None]
+    aq, ak = torch.randn(B, T, Hq, D, generator=g), torch.randn(B, T, Hkv, D, generator=g)
+    q = torch.randn(B, T, HI, DI, generator=g, requires_grad=True)
+    w = torch.randn(B, T, HI, generator=g, requires_grad=True)
+    k = torch.randn(B, T, DI, generator=g, requires_grad=True)
+    idx = ref.dsa_topk_indices(q, w, k, 16, segment_ids=seg)
+    with_seg = ref.indexer_kl_loss(aq, ak, D ** -0.5, q, w, k, indices=idx, segment_ids=seg)
+    g1 = torch.autograd.grad(with_seg, (q, w, k))
+    without = ref.indexer_kl_loss(aq, ak, D ** -0.5, q, w, k, indices=idx)
+    g2 = torch.autograd.grad(without, (q, w, k))
+    torch.testing.assert_close(with_seg, without, rtol=0, atol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_lora_adapter_round_trips(processor, files, tiny_ckpt, tmp_path):
     out = run(processor, model_name_or_path=tiny_ckpt, stage="dsa-sparse", lora=True, lora_r=4,
               train_file=files["mixed"], max_steps=2, learning_rate=1e-2, output_dir=str(tmp_path),

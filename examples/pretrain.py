@@ -401,6 +401,7 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             for k, v in (("loss", loss), *parts.items()):
                 sums[k] += float(v.detach()) / args.gradient_accumulation_steps if v is not None else 0.0
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         step += 1
         tokens_run += tokens
@@ -412,7 +413,7 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
             stats = accelerator.reduce(stats, reduction="mean")
             row = {"step": step, "loss": stats[0].item(), "lm_loss": stats[1].item(), "aux_loss": stats[2].item(),
                    "indexer_loss": stats[3].item(), "tokens_per_s_per_device": stats[4].item(),
-                   "lr": scheduler.get_last_lr()[0], "grad_norm": _to_float(grad_norm), "step_time_s": dt,
+                   "lr": lr, "grad_norm": _to_float(grad_norm), "step_time_s": dt,
                    "tokens_this_device": tokens}
             if device.type == "cuda":  # the largest over the processes
                 peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
@@ -432,7 +433,8 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
     elapsed = time.perf_counter() - t_start
     summary = {
         "final_step": step, "parameters_total": n_total, "parameters_trained": n_train,
-        "processes": accelerator.num_processes, "elapsed_s": elapsed, "skipped_samples": packs.skipped,
+        "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision, "elapsed_s": elapsed, "skipped_samples": packs.skipped,
         "mean_tokens_per_s_per_device": (sum(r["tokens_per_s_per_device"] for r in history[1:]) / max(1, len(history) - 1))
         if len(history) > 1 else (history[0]["tokens_per_s_per_device"] if history else 0.0),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

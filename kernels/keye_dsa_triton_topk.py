@@ -3,28 +3,33 @@
 Public entry: ``keye_dsa_triton.dsa_topk_indices`` (re-exported from here). Semantics = the reference
 (``keye_dsa_reference.dsa_topk_indices``; contract ``README.md`` beside this file).
 
-Two kernels per chunk of queries; memory is linear in the context (a ``[B, chunk, L]`` int32 buffer of at most
-about ``CONFIG["score_buffer_bytes"]``, never ``[S, S]``):
+Memory is linear in the context (per chunk of queries a bounded buffer, never ``[S, S]``). Every score is
+packed with its position into a unique int64 key ``(score_key << 32) | (2**32 - 1 - position)`` (score_key:
+the fp32 score mapped to an order-preserving int32, NaN -> -inf, -0.0 -> +0.0): larger is better and equal
+scores rank the lower position first, so the top-k is exact and deterministic (bitwise reproducible). A key
+that is not allowed (causal, ``key_mask``, ``segment_ids``) is a sentinel below every score (an allowed -inf
+still ranks above it). Finding the k-th key never sorts: ``_kth_key`` bisects (32 steps on the score half,
+32 more on the position half only when equal scores straddle the k-th place), and positions are written in
+ascending order by stream compaction (cumsum), ``-1`` after them.
 
-1. ``_indexer_score_kernel``: one program per (query tile, batch, key split). The tile's ``BQ`` queries times
-   ``H_I`` heads are the rows of one ``tl.dot`` against a key block ``[BK, D_I]``; ReLU (NaN-propagating, as
-   torch), the per-head weight times ``D_I**-0.5`` and the head sum follow in fp32. Each score is stored as an
-   order-preserving int32 key (NaN -> -inf, -0.0 -> +0.0); a key that is not allowed (causal, ``key_mask``,
-   ``segment_ids``) is stored as ``INT32_MIN``, below every score (an allowed -inf still ranks above it).
-   Key blocks past a tile's causal end are skipped.
-2. ``_topk_select_kernel``: one program per row (few long rows: per row segment, then a second pass over
-   the segments' candidates). Every score is packed with its position into a unique int64 key
-   ``(score_key << 32) | (2**32 - 1 - position)``: larger is better and equal scores rank the lower
-   position first, so the top-k is exact and deterministic. The row is streamed once against a threshold;
-   keys above it are appended to a small per-program scratch list (``CAP`` = 2 x k); when it fills, the
-   list is shrunk to its k best -- the k-th key is found by bisection (32 steps on the score half, 32 more
-   on the position half only when equal scores straddle the k-th place), no sort -- and the threshold
-   rises to that key. The first threshold comes from a strided sample of the row (its ``r``-th best,
-   ``r ~ mu + 4 sqrt(mu)`` with ``mu = k * sample / n``, so that for a row in random order at least k keys
-   pass with overwhelming probability); if fewer than k pass, the row is streamed again without it, so the
-   result never depends on the sample. Finally, knowing the exact k-th key, the row is read once more and
-   the selected positions are written in ascending order by stream compaction, ``-1`` after them.
-   Without sorts the kernel compiles in seconds (an unrolled bitonic sort of 4096 keys took ptxas minutes).
+Fused path (prefill, the default when a chunk has >= 2 x SMs rows):
+1. ``_sample_thr_kernel``: per query, score ``select_sample`` (1024) keys spread evenly over its allowed range
+   and take their ``r``-th best key, ``r ~ mu + 4 sqrt(mu)`` with ``mu = k * sample / n``: for a row in
+   random order at least k keys of the row exceed it with overwhelming probability, and only ~1.5-2.5 k do.
+2. ``_indexer_score_kernel`` (``CAND_OUT``): one program per (query tile, batch, key split); for each key
+   block ``[BK, D_I]`` the scores of the tile (``MODE`` 2: one ``[BQ, D_I] x [D_I, BK]`` dot per indexer head,
+   ReLU (NaN-propagating, as torch), times ``w * D_I**-0.5``, summed in fp32) are compared with the row's
+   threshold and the keys above it appended to the row's candidate list (position order); no score buffer.
+3. ``_cand_select_kernel``: per row, the exact k-th key among the candidates, then the positions.
+   A row whose list overflowed (``cand_cap_mult`` x k) or where fewer than k keys passed the sampled
+   threshold is flagged and recomputed on the buffered path (one host sync per chunk; ``STATS`` counts).
+Buffered path (decode / few rows, fallback rows, ``fused_candidates=False``):
+1. ``_indexer_score_kernel`` writes every score key into an int32 buffer ``[B, chunk, L]``
+   (``score_buffer_bytes`` bounds it).
+2. ``_topk_select_kernel``: per row (few long rows: per row segment, then a pass over the segments'
+   candidates), the row is streamed against a threshold (first from a strided sample, then the running
+   k-th key); keys above it go to a scratch list that is shrunk to its k best when full; if the sampled
+   threshold let fewer than k keys pass, the row is streamed again without it. Then the positions.
 """
 from __future__ import annotations
 
@@ -47,19 +52,26 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # fixed a
 # Tunables (the benchmark may override them).
 CONFIG = {
     "score_buffer_bytes": 1 << 31,  # bound of the per-chunk score buffer (int32 keys)
-    "score_mode": 0,                # 0: [bq*H, D] x [D, bk] dot; 1: transposed; 2: one dot per head (bq >= 16)
-    "score_bq": 8,                  # queries per indexer tile (rows of the dot = bq * H_I)
+    "score_mode": 2,                # 0: [bq*H, D] x [D, bk] dot; 1: transposed; 2: one dot per head (bq >= 16)
+    "score_bq": 16,                 # queries per indexer tile
     "score_bk": 128,                # keys per indexer step
-    "score_warps": 8,
+    "score_warps": 4,               # (8 for 0/1 with bq * H >= 128, or mode 2 with bq >= 64)
     "score_stages": 3,
-    "select_block": 512,            # row elements per step of the top-k stream
+    "select_block": 1024,           # row elements per step of the top-k stream (buffered path)
     "select_cap_mult": 2,           # pending-set capacity = mult * next_pow2(topk)
-    "select_warps": 8,
-    "select_block_few_rows": 2048,  # block / warps when a chunk has few rows (decode: rows are split)
-    "select_warps_few_rows": 16,
+    "select_warps": 4,
+    "select_block_few_rows": 1024,  # block / warps when a chunk has few rows (decode: rows are split)
+    "select_warps_few_rows": 8,
     "select_sample": 1024,          # strided sample of a long row for the first threshold (0 = off)
+    "fused_candidates": True,       # prefill: sampled threshold + candidate lists instead of a score buffer
+    "cand_cap_mult": 4,             # candidate capacity per row = mult * next_pow2(topk)
+    "cand_select_warps": 16,
     "_score_only": False,           # benchmarking aid: skip the selection (the output is then garbage)
 }
+
+
+# Counters for tests and benchmarks (rows of the fused path that were recomputed on the exact buffered path).
+STATS = {"fused_rows": 0, "fallback_rows": 0}
 
 
 def _next_pow2(n: int) -> int:
@@ -116,16 +128,18 @@ if HAS_TRITON:
     # ------------------------------------------------------------------------------------------------
     @triton.jit(do_not_specialize=["T", "S", "t0", "t1", "L", "blocks_per_split"])
     def _indexer_score_kernel(
-        q_ptr, w_ptr, k_ptr, km_ptr, seg_ptr, qoff_ptr, out_ptr,
+        q_ptr, w_ptr, k_ptr, km_ptr, seg_ptr, qoff_ptr, out_ptr, thr_ptr, cand_ptr, cnt_ptr,
         T, S, t0, t1, L, blocks_per_split,
         sqb, sqt, sqh, swb, swt, swh, skb, sks, sob, sor,
         scale,
         H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
         HAS_KM: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-        MODE: tl.constexpr,
+        MODE: tl.constexpr, CAND_OUT: tl.constexpr, CAPS: tl.constexpr,
     ):
         # q: [B, T, H, D], w: [B, T, H], k: [B, S, D], km: [B, S] int8, seg: [B, S] int64,
-        # out: [B, t1 - t0, L] int32 (row r = query t0 + r).
+        # out: [B, t1 - t0, L] int32 (row r = query t0 + r), or, CAND_OUT, per row r and key split j the packed
+        # keys above thr[r] in position order: cand [R, NSPLIT, CAPS] int64 and their number cnt [R, NSPLIT]
+        # (may exceed CAPS: overflow, detected by the caller).
         # MODE 0: one dot [BQ*HP, D] x [D, BK], head sum over a reshape; MODE 1: the transposed dot
         # [BK, D] x [D, BQ*HP] (heads on the minor axis); MODE 2: one [BQ, D] x [D, BK] dot per head (BQ >= 16).
         pid_q = tl.program_id(0)
@@ -159,6 +173,12 @@ if HAS_TRITON:
         kb_lo = pid_s * blocks_per_split
         kb_hi = tl.minimum(kb_lo + blocks_per_split, nkb)
         out_rows = out_ptr + b * sob + (tq - t0).to(tl.int64) * sor
+        if CAND_OUT:
+            nsp = tl.num_programs(2)
+            crow = (b * (t1 - t0) + (tq - t0)).to(tl.int64)  # row index in the chunk, [BQ]
+            thr = tl.load(thr_ptr + crow, mask=rmask, other=_SENT)
+            cand_rows = cand_ptr + (crow * nsp + pid_s) * CAPS
+            cnt = tl.zeros([BQ], tl.int32)
         for kb in range(kb_lo, kb_hi):
             s = kb * BK + tl.arange(0, BK)
             smask = s < kend
@@ -195,7 +215,17 @@ if HAS_TRITON:
             bits = sc.to(tl.int32, bitcast=True)
             key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
             key = tl.where(allowed, key, _I32_MIN)
-            tl.store(out_rows[:, None] + s[None, :], key, mask=rmask[:, None] & smask[None, :])
+            if CAND_OUT:
+                key64 = key.to(tl.int64) * 4294967296 + (4294967295 - s.to(tl.int64))[None, :]
+                surv = allowed & (key64 > thr[:, None]) & rmask[:, None]
+                cs = tl.cumsum(surv.to(tl.int32), axis=1)
+                slot = cnt[:, None] + cs - 1
+                tl.store(cand_rows[:, None] + slot, key64, mask=surv & (slot < CAPS))
+                cnt += tl.sum(surv.to(tl.int32), axis=1)
+            else:
+                tl.store(out_rows[:, None] + s[None, :], key, mask=rmask[:, None] & smask[None, :])
+        if CAND_OUT:
+            tl.store(cnt_ptr + crow * nsp + pid_s, cnt, mask=rmask)
 
     # ------------------------------------------------------------------------------------------------
     # exact top-k of a row of keys (no sort: bisection for the k-th key, stream compaction for the rest)
@@ -356,6 +386,111 @@ if HAS_TRITON:
             tl.store(out_row + idx, tl.full([BLOCK], pad, tl.int64), mask=(idx >= cnt) & (idx < NOUT))
 
 
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["T", "S", "t0", "t1", "L"])
+    def _sample_thr_kernel(
+        q_ptr, w_ptr, k_ptr, km_ptr, seg_ptr, qoff_ptr, smp_ptr, thr_ptr,
+        T, S, t0, t1, L,
+        sqb, sqt, sqh, swb, swt, swh, skb, sks,
+        scale,
+        H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, SAMPLE: tl.constexpr, SB: tl.constexpr,
+        TOPK: tl.constexpr, HAS_KM: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One program per row r = (b, t0 + i) of the chunk: score the query against SAMPLE keys spread evenly
+        # over its allowed range, take their rk-th best key (rk ~ mu + 4 sqrt(mu), mu = TOPK * SAMPLE / n) and
+        # store thr[r] = that key - 1 (SENT: no threshold, for short rows). smp: int64 scratch [R, SAMPLE].
+        pid = tl.program_id(0)
+        Tc = t1 - t0
+        b = (pid // Tc).to(tl.int64)
+        t = (t0 + pid % Tc).to(tl.int64)
+        pos = tl.load(qoff_ptr + b) + t
+        n = tl.minimum(pos + 1, L)
+        thr = n * 0 + _SENT
+        if n > 4 * SAMPLE:
+            mu = TOPK * SAMPLE / n.to(tl.float32)
+            rk = (mu + 4.0 * tl.sqrt(mu) + 2.0).to(tl.int32)
+            if rk < SAMPLE:
+                h = tl.arange(0, HP)
+                d = tl.arange(0, D)
+                qv = tl.load(q_ptr + b * sqb + t * sqt + h[:, None] * sqh + d[None, :], mask=(h < H)[:, None],
+                             other=0.0)
+                wv = tl.load(w_ptr + b * swb + t * swt + h * swh, mask=h < H, other=0.0).to(tl.float32) * scale
+                if UPCAST:
+                    qv = qv.to(tl.float32)
+                if HAS_SEG:
+                    qseg = tl.load(seg_ptr + b * S + pos)
+                smp_row = smp_ptr + pid.to(tl.int64) * SAMPLE
+                for c0 in range(0, SAMPLE, SB):
+                    si = c0 + tl.arange(0, SB)
+                    sp = (si.to(tl.int64) * n) // SAMPLE
+                    kv = tl.load(k_ptr + b * skb + sp[:, None] * sks + d[None, :])
+                    if UPCAST:
+                        kv = kv.to(tl.float32)
+                    qk = tl.dot(qv, tl.trans(kv), input_precision=PRECISION)  # [HP, SB]
+                    sc = tl.sum(tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * wv[:, None], axis=0)
+                    allowed = sp <= pos
+                    if HAS_KM:
+                        allowed = allowed & (tl.load(km_ptr + b * S + sp) != 0)
+                    if HAS_SEG:
+                        allowed = allowed & (tl.load(seg_ptr + b * S + sp) == qseg)
+                    sc = tl.where(sc != sc, float("-inf"), sc)
+                    sc = tl.where(sc == 0.0, 0.0, sc)
+                    bits = sc.to(tl.int32, bitcast=True)
+                    k32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+                    key = k32.to(tl.int64) * 4294967296 + (4294967295 - sp)
+                    tl.store(smp_row + si, tl.where(allowed, key, _SENT))
+                tl.debug_barrier()
+                xs = tl.load(smp_row + tl.arange(0, SAMPLE))
+                ks = _kth_key(xs, rk)
+                thr = tl.where(ks == _SENT, thr, ks - 1)
+        tl.store(thr_ptr + pid, thr)
+
+    @triton.jit(do_not_specialize=["out_row_stride", "out_b_stride", "rows_per_b", "NSPLIT"])
+    def _cand_select_kernel(
+        cand_ptr, cnt_ptr, thr_ptr, scratch_ptr, out_ptr, fail_ptr,
+        out_row_stride, out_b_stride, rows_per_b, NSPLIT,
+        TOPK: tl.constexpr, CAPS: tl.constexpr, CAPC: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program per row: gather the NSPLIT candidate lists (each in position order) into scratch [R, CAPC],
+        # find the exact TOPK-th key, write the selected positions ascending (-1 pad). fail[r] = 1 when the row
+        # must be recomputed exactly: a list overflowed, or the sampled threshold let fewer than TOPK keys pass.
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        c = tl.arange(0, CAPC)
+        scratch_row = scratch_ptr + row.to(tl.int64) * CAPC
+        total = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+        over = total
+        for j in range(NSPLIT):
+            cj = tl.load(cnt_ptr + row.to(tl.int64) * NSPLIT + j)
+            over += (cj > CAPS).to(tl.int32)
+            cj = tl.minimum(cj, CAPS)
+            src = cand_ptr + (row.to(tl.int64) * NSPLIT + j) * CAPS
+            for start in range(0, cj, BLOCK):
+                idx = start + offs
+                m = (idx < cj) & (total + idx < CAPC)
+                tl.store(scratch_row + total + idx, tl.load(src + idx, mask=m), mask=m)
+            total += cj
+        over += (total > CAPC).to(tl.int32)
+        tl.debug_barrier()
+        X = tl.load(scratch_row + c, mask=c < total, other=_SENT)
+        kth = _kth_key(X, TOPK)
+        thr = tl.load(thr_ptr + row)
+        fail = (over > 0) | ((thr != _SENT) & (kth == _SENT))
+        sel = (X >= kth) & (X != _SENT) & (fail == 0)
+        cs = tl.cumsum(sel.to(tl.int32), axis=0)
+        bi = (row // rows_per_b).to(tl.int64)
+        ri = (row % rows_per_b).to(tl.int64)
+        out_row = out_ptr + bi * out_b_stride + ri * out_row_stride
+        tl.store(out_row + cs - 1, 4294967295 - (X & 4294967295), mask=sel & (cs <= TOPK))
+        ns = tl.sum(sel.to(tl.int32), axis=0)
+        for start in range(0, TOPK, BLOCK):
+            idx = start + offs
+            tl.store(out_row + idx, tl.full([BLOCK], -1, tl.int64), mask=(idx >= ns) & (idx < TOPK))
+        tl.store(fail_ptr + row, fail.to(tl.int8))
+
+
 def _select_topk(keys, qo, out, topk: int, t0: int) -> None:
     """Exact deterministic top-k of the rows of ``keys`` (int32 [B, Tc, L]); writes out[:, t0:t0+Tc] (int64)."""
     B, Tc, L = keys.shape
@@ -449,44 +584,129 @@ def dsa_topk_indices(q, w, k, topk, *, q_offset=None, key_mask=None, segment_ids
             raise ValueError(f"segment_ids must be [B, S] = {(B, S)}, got {tuple(segment_ids.shape)}")
         seg = segment_ids.to(device=dev, dtype=torch.int64).contiguous()
 
-    interp = _INTERPRET
-    HP = _next_pow2(H)
-    BK = CONFIG["score_bk"]
-    mode = CONFIG["score_mode"] if T >= 16 else 0  # one dot per head needs >= 16 queries per tile
-    BQ = max(1, min(CONFIG["score_bq"], _next_pow2(T)))
-    BQ = max(BQ, 16 if mode == 2 else -(-16 // HP))  # the dots need >= 16 rows
-    warps = CONFIG["score_warps"] if (BQ * HP >= 128 if mode < 2 else BQ >= 64) else 4
-    precision = "ieee" if (q.dtype == torch.float32 or interp) else "tf32"
-    max_end = max_off + T  # exclusive end of the last query's keys
+    meta = _score_meta(H, D, T, q.dtype)
     nsm = _num_sms(dev)
+    fused = (CONFIG["fused_candidates"] and B * T >= 2 * nsm and CONFIG["select_sample"] > 0
+             and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+    if fused:
+        CAND = _next_pow2(topk)
+        CAPC = max(CAND * CONFIG["cand_cap_mult"], 64)
+        per_row = 8 * (2 * CAPC + CONFIG["select_sample"]) + 16
+    else:
+        per_row = 4 * min(S, max_off + T)
     if chunk_size is None:
-        L_full = min(S, max_end)
-        chunk = max(BQ, CONFIG["score_buffer_bytes"] // max(1, 4 * B * L_full))
+        chunk = max(meta["BQ"], CONFIG["score_buffer_bytes"] // max(1, B * per_row))
     else:
         chunk = max(1, int(chunk_size))
     chunk = min(chunk, T)
     if chunk < T:
-        chunk = max(BQ, chunk // BQ * BQ)
+        chunk = max(meta["BQ"], chunk // meta["BQ"] * meta["BQ"])
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        Tc = t1 - t0
-        L = min(S, max_off + t1)
-        keys = torch.empty((B, Tc, L), dtype=torch.int32, device=dev)
-        ntile = -(-Tc // BQ)
-        nkb = -(-L // BK)
-        nsplit = 1
-        if ntile * B < 4 * nsm:
-            nsplit = max(1, min(nkb, -(-4 * nsm // (ntile * B))))
-        bps = -(-nkb // nsplit)
-        nsplit = -(-nkb // bps)
-        _indexer_score_kernel[(ntile, B, nsplit)](
-            q, w, k, km if km is not None else keys, seg if seg is not None else qo, qo, keys,
-            T, S, t0, t1, L, bps,
-            q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), w.stride(2),
-            k.stride(0), k.stride(1), keys.stride(0), keys.stride(1),
-            D ** -0.5,
-            H=H, HP=HP, D=D, BQ=BQ, BK=BK, HAS_KM=km is not None, HAS_SEG=seg is not None,
-            UPCAST=interp, PRECISION=precision, MODE=mode, num_warps=warps, num_stages=CONFIG["score_stages"])
-        if not CONFIG["_score_only"]:
-            _select_topk(keys, qo, out, topk, t0)
+        if fused:
+            _topk_fused_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta, CAPC)
+        else:
+            _topk_buffered_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta)
     return out
+
+
+def _score_meta(H, D, T, dtype):
+    """Scoring-kernel launch parameters (tile, layout mode, warps, dot precision)."""
+    HP = _next_pow2(H)
+    mode = CONFIG["score_mode"] if T >= 16 else 0  # one dot per head needs >= 16 queries per tile
+    BQ = max(1, min(CONFIG["score_bq"], _next_pow2(T)))
+    BQ = max(BQ, 16 if mode == 2 else -(-16 // HP))  # the dots need >= 16 rows
+    warps = CONFIG["score_warps"] if (BQ * HP >= 128 if mode < 2 else True) else 4
+    precision = "ieee" if (dtype == torch.float32 or _INTERPRET) else "tf32"
+    return dict(H=H, HP=HP, D=D, BQ=BQ, BK=CONFIG["score_bk"], MODE=mode, warps=warps, PRECISION=precision)
+
+
+def _score_split(B, Tc, L, meta, dev):
+    """(number of key splits, key blocks per split): split the keys when there are too few query tiles."""
+    ntile = -(-Tc // meta["BQ"])
+    nkb = -(-L // meta["BK"])
+    nsplit = 1
+    if ntile * B < 4 * _num_sms(dev):
+        nsplit = max(1, min(nkb, -(-4 * _num_sms(dev) // (ntile * B))))
+    bps = -(-nkb // nsplit)
+    return -(-nkb // bps), bps
+
+
+def _launch_score(q, w, k, km, seg, qo, t0, t1, L, meta, out, thr=None, cand=None, cnt=None, caps=16):
+    """Run _indexer_score_kernel on queries [t0, t1): into the int32 key buffer ``out`` [B, t1-t0, L], or, with
+    ``cand``, into per-row candidate lists above ``thr``. Returns the number of key splits used."""
+    B, T = q.shape[0], q.shape[1]
+    S = k.shape[1]
+    Tc = t1 - t0
+    ntile = -(-Tc // meta["BQ"])
+    nsplit, bps = _score_split(B, Tc, L, meta, q.device)
+    dummy = out if out is not None else cand
+    _indexer_score_kernel[(ntile, B, nsplit)](
+        q, w, k, km if km is not None else dummy, seg if seg is not None else qo, qo, dummy,
+        thr if thr is not None else dummy, cand if cand is not None else dummy, cnt if cnt is not None else dummy,
+        T, S, t0, t1, L, bps,
+        q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), w.stride(2),
+        k.stride(0), k.stride(1), Tc * L, L,
+        meta["D"] ** -0.5,
+        H=meta["H"], HP=meta["HP"], D=meta["D"], BQ=meta["BQ"], BK=meta["BK"], HAS_KM=km is not None,
+        HAS_SEG=seg is not None, UPCAST=_INTERPRET, PRECISION=meta["PRECISION"], MODE=meta["MODE"],
+        CAND_OUT=cand is not None, CAPS=caps, num_warps=meta["warps"], num_stages=CONFIG["score_stages"])
+    return nsplit
+
+
+def _topk_buffered_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta):
+    """Queries [t0, t1): all scores into an int32 buffer [B, t1-t0, L], then the streaming selection."""
+    B = q.shape[0]
+    L = min(k.shape[1], max_off + t1)
+    keys = torch.empty((B, t1 - t0, L), dtype=torch.int32, device=q.device)
+    _launch_score(q, w, k, km, seg, qo, t0, t1, L, meta, keys)
+    if not CONFIG["_score_only"]:
+        _select_topk(keys, qo, out, topk, t0)
+
+
+def _topk_fused_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta, CAPC):
+    """Queries [t0, t1): a sampled threshold per row, scoring that keeps only the keys above it (in position
+    order, no score buffer), exact selection among them; rows where the sample misled are redone exactly."""
+    B = q.shape[0]
+    S = k.shape[1]
+    dev = q.device
+    Tc = t1 - t0
+    R = B * Tc
+    L = min(S, max_off + t1)
+    SAMPLE = 16 if _INTERPRET else CONFIG["select_sample"]
+    thr = torch.empty((R,), dtype=torch.int64, device=dev)
+    smp = torch.empty((R, SAMPLE), dtype=torch.int64, device=dev)
+    _sample_thr_kernel[(R,)](
+        q, w, k, km if km is not None else thr, seg if seg is not None else qo, qo, smp, thr,
+        q.shape[1], S, t0, t1, L,
+        q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), w.stride(2), k.stride(0), k.stride(1),
+        meta["D"] ** -0.5,
+        H=meta["H"], HP=meta["HP"], D=meta["D"], SAMPLE=SAMPLE, SB=min(SAMPLE, 128), TOPK=topk,
+        HAS_KM=km is not None, HAS_SEG=seg is not None, UPCAST=_INTERPRET, PRECISION=meta["PRECISION"],
+        num_warps=4, num_stages=2)
+    del smp
+    nsplit, _ = _score_split(B, Tc, L, meta, dev)
+    caps = CAPC if nsplit == 1 else max(64, _next_pow2(-(-CAPC // nsplit)) * 2)
+    cand = torch.empty((R, nsplit, caps), dtype=torch.int64, device=dev)
+    cnt = torch.empty((R, nsplit), dtype=torch.int32, device=dev)
+    _launch_score(q, w, k, km, seg, qo, t0, t1, L, meta, None, thr=thr, cand=cand, cnt=cnt, caps=caps)
+    if CONFIG["_score_only"]:
+        return
+    scratch = torch.empty((R, CAPC), dtype=torch.int64, device=dev)
+    fail = torch.empty((R,), dtype=torch.int8, device=dev)
+    _cand_select_kernel[(R,)](
+        cand, cnt, thr, scratch, out[:, t0:t1], fail, out.stride(1), out.stride(0), Tc, nsplit,
+        TOPK=topk, CAPS=caps, CAPC=CAPC, BLOCK=16 if _INTERPRET else 1024,
+        num_warps=4 if _INTERPRET else CONFIG["cand_select_warps"], num_stages=1)
+    del cand, scratch
+    bad = fail.nonzero().flatten().tolist()  # one host sync per chunk
+    STATS["fused_rows"] += R
+    STATS["fallback_rows"] += len(bad)
+    for r in bad:  # exact path, one query at a time (rare: the sample misrepresented the row)
+        b, t = divmod(r, Tc)
+        t += t0
+        pos = int(qo[b]) + t
+        _topk_buffered_chunk(q[b:b + 1, t:t + 1], w[b:b + 1, t:t + 1], k[b:b + 1],
+                             None if km is None else km[b:b + 1], None if seg is None else seg[b:b + 1],
+                             qo[b:b + 1].clone().fill_(pos), pos, out[b:b + 1, t:t + 1], topk, 0, 1,
+                             _score_meta(meta["H"], meta["D"], 1, q.dtype))

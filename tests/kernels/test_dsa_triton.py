@@ -99,6 +99,28 @@ def test_topk_score_modes(monkeypatch, mode):
 
 
 @cpu
+def test_topk_fused_equals_buffered_and_overflow_fallback(monkeypatch):
+    """>= 8 rows take the fused path (sampled threshold + candidate lists); it equals the buffered path, and
+    rows whose candidate list overflows (all scores equal: everything up to the sampled key passes) are
+    recomputed exactly."""
+    topk_mod = _tri_parts[1]
+    q, w, k = _indexer_inputs(1, 8, 200, 4, 16, seed=29)
+    before = dict(topk_mod.STATS)
+    fused = tri.dsa_topk_indices(q, w, k, 13)
+    assert topk_mod.STATS["fused_rows"] == before["fused_rows"] + 8
+    monkeypatch.setitem(tri.TOPK_CONFIG, "fused_candidates", False)
+    assert torch.equal(fused, tri.dsa_topk_indices(q, w, k, 13))
+    assert torch.equal(fused, ref.dsa_topk_indices(q, w, k, 13))
+    monkeypatch.setitem(tri.TOPK_CONFIG, "fused_candidates", True)
+    k[:] = k[:, :1]
+    before = dict(topk_mod.STATS)
+    out = tri.dsa_topk_indices(q, w, k, 13)
+    assert topk_mod.STATS["fallback_rows"] > before["fallback_rows"]
+    assert torch.equal(out, ref.dsa_topk_indices(q, w, k, 13))
+    assert torch.equal(out[0, -1], torch.arange(13))
+
+
+@cpu
 def test_topk_sampled_threshold_fallback():
     """A row whose sampled keys are its best ones: the sampled threshold lets too few keys through and the
     row is streamed again without it (exactness never depends on the sample)."""
@@ -109,8 +131,15 @@ def test_topk_sampled_threshold_fallback():
     sampled = [(i * S) // 16 for i in range(16)]  # the interpreter samples 16 keys of the last row (n = S)
     u = q[0, -1].mean(0) / q[0, -1].mean(0).norm()
     k[0, sampled] = (50.0 + torch.arange(16.0))[:, None] * u  # distinct, the row's 16 best scores
+    topk_mod = _tri_parts[1]
+    before = topk_mod.STATS["fallback_rows"]
     out = tri.dsa_topk_indices(q, w, k, topk)
     assert torch.equal(out, ref.dsa_topk_indices(q, w, k, topk))
+    assert topk_mod.STATS["fallback_rows"] > before  # fused path: the misled rows (the last at least) are redone
+    # the buffered path's own fallback (stream again without the sampled threshold)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(tri.TOPK_CONFIG, "fused_candidates", False)
+        assert torch.equal(tri.dsa_topk_indices(q, w, k, topk), ref.dsa_topk_indices(q, w, k, topk))
 
 
 @cpu
@@ -327,10 +356,18 @@ def _assert_topk_equal_up_to_near_ties(out, expect, q, w, k, q_offset, rel=1e-4,
 @needs_cuda
 @pytest.mark.parametrize("T,S,B", [(4096, 4096, 1), (16384, 16384, 1), (65536, 65536, 1), (2, 65536, 4)],
                          ids=["prefill-4K", "prefill-16K", "prefill-64K", "decode-64K-B4"])
-def test_gpu_topk_bf16_matches_reference(T, S, B):
+def test_gpu_topk_bf16_matches_reference(T, S, B, monkeypatch):
     q, w, k = _indexer_inputs(B, T, S, 16, 64, seed=T + S, dtype=torch.bfloat16, device="cuda")
+    topk_mod = _tri_parts[1]
+    before = dict(topk_mod.STATS)
     out = tri.dsa_topk_indices(q, w, k, 2048)
     _check_layout(out, S, 2048)
+    fell_back = topk_mod.STATS["fallback_rows"] - before["fallback_rows"]
+    assert fell_back <= max(2, B * T // 1000), f"{fell_back} rows fell back to the buffered path"
+    if T <= 16384:  # fused (candidate lists) == buffered (score buffer) bitwise: same scores, exact selection
+        with monkeypatch.context() as mp:
+            mp.setitem(tri.TOPK_CONFIG, "fused_candidates", False)
+            assert torch.equal(out, tri.dsa_topk_indices(q, w, k, 2048))
     expect = ref.dsa_topk_indices(q, w, k, 2048, chunk_size=256 if B * T > 256 else None)
     _assert_topk_equal_up_to_near_ties(out, expect, q, w, k, S - T)
     assert torch.equal(out, tri.dsa_topk_indices(q, w, k, 2048)), "top-k not bitwise reproducible"

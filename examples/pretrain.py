@@ -244,6 +244,8 @@ def forward_loss(model, batch: dict, indexer_loss: str | None, config) -> tuple[
     ``labels``, ``segment_ids`` and the vision tensors (no ``attention_mask``: padding is its own segment).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "segment_ids" in inputs and not bool(inputs["segment_ids"].any()):
+        inputs.pop("segment_ids")  # one sample per row, no padding: nothing to separate
     if indexer_loss == "dense":
         out = model(**inputs, indexer_loss="dense", logits_to_keep=1)
         kl = out.indexer_loss

@@ -24,6 +24,7 @@ self-contained.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -563,7 +564,8 @@ class KeyeVL2Indexer(nn.Module):
         k = self.k_norm(self.k_proj(hidden_states))  # [B, T, D_I]
         q = apply_rotary(q, cos[:, :, None, :], sin[:, :, None, :])
         k = apply_rotary(k, cos, sin)
-        return hadamard_transform(q), w.float(), hadamard_transform(k)
+        dtype = qw.dtype  # under autocast the norms return fp32; keep q and k in the projection's dtype
+        return hadamard_transform(q.to(dtype)), w.float(), hadamard_transform(k.to(dtype))
 
 
 def _dsa_backend(attn_implementation: str, device: torch.device):
@@ -714,6 +716,7 @@ class KeyeVL2Attention(nn.Module):
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos[:, None], sin[:, None])
         k = apply_rotary(k, cos[:, None], sin[:, None])
+        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast + fp32 norm weights: one dtype for every core
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         S = k.shape[2]
@@ -823,33 +826,43 @@ def _grouped_mm_probe(device: torch.device, dtype: torch.dtype, backward: bool =
     ``backward=True``, the backward) failed, or None. Cached: later calls cost a dict lookup."""
     key = (device.type, device.index, dtype)
     if key not in _GROUPED_MM_PROBES:
-        fn = _grouped_mm_fn()
-        fwd = bwd = None
-        if fn is None:
-            fwd = bwd = "this torch has no grouped_mm"
-        else:
-            try:
-                with torch.inference_mode(False), torch.no_grad():  # normal tensors even under inference_mode
-                    offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
-                    y = fn(torch.ones(6, 8, device=device, dtype=dtype), torch.ones(3, 8, 8, device=device, dtype=dtype), offs=offs)
-                    fwd = None if float(y[0, 0]) == 8.0 and float(y[5, 7]) == 8.0 else "wrong numbers in the forward probe"
-            except Exception as e:  # noqa: BLE001 - any failure means "do not use it here"
-                fwd = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            bwd = fwd
-            if fwd is None:
-                try:
-                    with torch.inference_mode(False), torch.enable_grad():
-                        offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
-                        a = torch.ones(6, 8, device=device, dtype=dtype, requires_grad=True)
-                        b = torch.ones(3, 8, 8, device=device, dtype=dtype, requires_grad=True)
-                        _ContiguousGrad.apply(fn(a, b, offs=offs)).sum().backward()
-                    ok = float(a.grad[0, 0]) == 8.0 and float(b.grad[1].abs().sum()) == 0.0 and float(b.grad[2, 0, 0]) == 4.0
-                    bwd = None if ok else "wrong numbers in the backward probe (e.g. an expert without rows got a gradient)"
-                except Exception as e:  # noqa: BLE001
-                    bwd = f"backward: {type(e).__name__}: {e}".splitlines()[0][:200]
-        _GROUPED_MM_PROBES[key] = (fwd, bwd)
+        # In a thread of its own: autograd's grad mode and saved-tensor hooks are thread-local, so a probe that
+        # first runs inside an activation-checkpointed layer adds no tensors to that layer's recorded graph
+        # (otherwise the recomputation, which finds the probe cached, saves fewer tensors: CheckpointError).
+        worker = threading.Thread(target=_run_grouped_mm_probe, args=(key, device, dtype), daemon=True)
+        worker.start()
+        worker.join()
     fwd, bwd = _GROUPED_MM_PROBES[key]
     return bwd if backward else fwd
+
+
+def _run_grouped_mm_probe(key, device: torch.device, dtype: torch.dtype) -> None:
+    """Body of :func:`_grouped_mm_probe`: stores (forward problem, backward problem) under ``key``."""
+    fn = _grouped_mm_fn()
+    fwd = bwd = None
+    if fn is None:
+        fwd = bwd = "this torch has no grouped_mm"
+    else:
+        try:
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors even under inference_mode
+                offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
+                y = fn(torch.ones(6, 8, device=device, dtype=dtype), torch.ones(3, 8, 8, device=device, dtype=dtype), offs=offs)
+                fwd = None if float(y[0, 0]) == 8.0 and float(y[5, 7]) == 8.0 else "wrong numbers in the forward probe"
+        except Exception as e:  # noqa: BLE001 - any failure means "do not use it here"
+            fwd = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        bwd = fwd
+        if fwd is None:
+            try:
+                with torch.inference_mode(False), torch.enable_grad():
+                    offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
+                    a = torch.ones(6, 8, device=device, dtype=dtype, requires_grad=True)
+                    b = torch.ones(3, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                    _ContiguousGrad.apply(fn(a, b, offs=offs)).sum().backward()
+                ok = float(a.grad[0, 0]) == 8.0 and float(b.grad[1].abs().sum()) == 0.0 and float(b.grad[2, 0, 0]) == 4.0
+                bwd = None if ok else "wrong numbers in the backward probe (e.g. an expert without rows got a gradient)"
+            except Exception as e:  # noqa: BLE001
+                bwd = f"backward: {type(e).__name__}: {e}".splitlines()[0][:200]
+    _GROUPED_MM_PROBES[key] = (fwd, bwd)
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -1754,7 +1767,8 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
 
         loss = lm_loss = aux = None
         if out.router_logits is not None and isinstance(self.model.layers[0].mlp, KeyeVL2SparseMoeBlock):
-            am = attention_mask[:, -hidden.shape[1]:] if attention_mask is not None and attention_mask.shape[1] == out.last_hidden_state.shape[1] else None
+            n_new = out.last_hidden_state.shape[1]  # router logits cover this call's tokens, whatever logits_to_keep is
+            am = attention_mask[:, -n_new:] if attention_mask is not None else None
             aux = load_balancing_loss(out.router_logits, self.config.num_experts, self.config.num_experts_per_tok, am)
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:

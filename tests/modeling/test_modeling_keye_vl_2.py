@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,32 @@ def test_package_uses_no_removed_transformers_cache_api():
     banned = re.compile(r"seen_tokens|get_max_length\(|from_legacy_cache|to_legacy_cache|\.key_cache\b|\.value_cache\b|is_torch_fx_available")
     for path in list((REPO / "modeling_keye").glob("*.py")) + list((REPO / "kernels").glob("*.py")):
         assert not banned.search(path.read_text()), path
+
+
+# ----------------------------------------------------------------------------------------- regressions
+def test_aux_loss_with_logits_to_keep_and_attention_mask():
+    model = make_model(seed=8).train()
+    ids = torch.randint(0, 5000, (2, 40), generator=torch.Generator().manual_seed(5))
+    full = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    kept = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+    assert kept.logits.shape[1] == 1
+    assert torch.allclose(full.aux_loss, kept.aux_loss)
+
+
+def test_bf16_autocast_with_fp32_weights_runs_dsa_and_its_loss():
+    model = make_model(seed=9, impl="dsa_torch").train()
+    ids = torch.randint(0, 5000, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids, indexer_loss="sparse")
+    assert torch.isfinite(out.loss) and torch.isfinite(out.indexer_loss)
+    out.loss.backward()
+
+
+def test_non_reentrant_checkpointing_when_the_grouped_mm_probe_runs_inside_a_layer():
+    modeling = sys.modules[KeyeVL2MoeForConditionalGeneration.__module__]
+    modeling._GROUPED_MM_PROBES.clear()  # the probe first runs inside the first checkpointed layer
+    model = make_model(seed=10).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 5000, (1, 40), generator=torch.Generator().manual_seed(7))
+    model(input_ids=ids, labels=ids, segment_ids=torch.zeros_like(ids)).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "experts" in n)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -451,7 +450,8 @@ def table(data):
         lines.append(f"{r['context']:>7} {r.get('dense_cudnn_ms', float('nan')):>9.2f} "
                      f"{r.get('dense_flash_ms', float('nan')):>9.2f} {r.get('dsa_topk_ms', float('nan')):>8.2f} "
                      f"{r.get('dsa_sparse_fwd_ms', float('nan')):>9.2f} {r.get('dsa_total_ms', float('nan')):>8.2f} "
-                     f"{r.get('dsa_over_cudnn', float('nan')):>9.3f} {r.get('sparse_fwd_gathered_TBps', float('nan')):>9.2f} "
+                     f"{r.get('dsa_over_cudnn', float('nan')):>9.3f} "
+                     f"{r.get('sparse_fwd_gathered_TBps', float('nan')):>9.2f} "
                      f"{r.get('dsa_topk_peak_mib', float('nan')):>9.0f}")
     lines.append("decode (1 token per sequence):")
     lines.append(f"{'S':>7} {'B':>3} {'flash ms':>9} {'topk ms':>8} {'sparse ms':>9} {'DSA ms':>8} {'DSA/flash':>9} "

@@ -322,7 +322,8 @@ def indexer_kl_loss(attn_q, attn_k, scaling, q, w, k, *, indices=None, q_offset=
     Hkv = attn_k.shape[2]
     if (tuple(w.shape) != (B, T, HI) or tuple(k.shape) != (B, S, DI) or tuple(attn_q.shape[:2]) != (B, T)
             or tuple(attn_k.shape) != (B, S, Hkv, Da)):
-        raise ValueError(f"shape mismatch: attn_q {tuple(attn_q.shape)}, attn_k {tuple(attn_k.shape)}, q {tuple(q.shape)}, "
+        raise ValueError(f"shape mismatch: attn_q {tuple(attn_q.shape)}, attn_k {tuple(attn_k.shape)}, "
+                         f"q {tuple(q.shape)}, "
                          f"w {tuple(w.shape)}, k {tuple(k.shape)}")
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv}) (GQA)")
@@ -335,7 +336,8 @@ def indexer_kl_loss(attn_q, attn_k, scaling, q, w, k, *, indices=None, q_offset=
             raise ValueError(f"{name} dtype {x.dtype} unsupported by the Triton kernels; use keye_dsa_reference")
     if attn_q.dtype != attn_k.dtype or q.dtype != k.dtype:
         raise ValueError("attn_q/attn_k and q/k must share dtypes")
-    if indices is not None and (indices.dtype != torch.long or tuple(indices.shape[:2]) != (B, T) or indices.dim() != 3):
+    if indices is not None and (indices.dtype != torch.long or indices.dim() != 3
+                                or tuple(indices.shape[:2]) != (B, T)):
         raise ValueError(f"indices must be int64 [B, T, K], got {indices.dtype} {tuple(indices.shape)}")
     if B * T == 0 or S == 0:
         return (q.sum() + w.sum() + k.sum()).float() * 0.0

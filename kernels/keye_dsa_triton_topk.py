@@ -61,11 +61,11 @@ CONFIG = {
     "select_cap_mult": 2,           # pending-set capacity = mult * next_pow2(topk)
     "select_warps": 4,
     "select_block_few_rows": 1024,  # block / warps when a chunk has few rows (decode: rows are split)
-    "select_warps_few_rows": 8,
+    "select_warps_few_rows": 4,
     "select_sample": 1024,          # strided sample of a long row for the first threshold (0 = off)
     "fused_candidates": True,       # prefill: sampled threshold + candidate lists instead of a score buffer
     "cand_cap_mult": 4,             # candidate capacity per row = mult * next_pow2(topk)
-    "cand_select_warps": 16,
+    "cand_select_warps": 8,
     "_score_only": False,           # benchmarking aid: skip the selection (the output is then garbage)
 }
 
@@ -537,8 +537,13 @@ def dsa_topk_indices(q, w, k, topk, *, q_offset=None, key_mask=None, segment_ids
         q_offset: ``None`` (= ``S - T``), an int, or a LongTensor ``[B]``; ``0 <= q_offset``, ``q_offset + T <= S``.
         key_mask: optional bool ``[B, S]``, False = padding (never selected).
         segment_ids: optional int ``[B, S]``; a key is allowed only inside the query's segment.
-        chunk_size: queries scored per pass (bounds the ``[B, chunk, S]`` int32 score buffer); default: as many
-            as fit ``CONFIG["score_buffer_bytes"]``.
+        chunk_size: queries per pass; default: as many as fit ``CONFIG["score_buffer_bytes"]`` (2 GiB) of
+            working memory (buffered path: an int32 ``[B, chunk, L]`` score buffer; fused path: about 140 KiB
+            of candidate lists per query at k = 2048). The result does not depend on it.
+
+    Host syncs: none for an int/None ``q_offset`` on the buffered path (decode: fewer than 2 x SMs queries, CUDA
+    graph capture works); a tensor ``q_offset`` costs one, and the fused path (prefill) one per chunk (to
+    recompute the rare rows whose sampled threshold misled, exactly).
 
     Returns:
         int64 ``[B, T, topk]``: positions sorted ascending, ``-1`` padding at the end when fewer than ``topk``

@@ -1,7 +1,17 @@
-"""Shared test configuration: the `gpu` marker skips tests when no CUDA device (with Triton) is present."""
+"""Shared test configuration: the `gpu` marker skips tests when no CUDA device (with Triton) is present.
+
+Without CUDA, Triton kernels run under Triton's interpreter. ``triton.jit`` chooses compiled or interpreted when a
+kernel module is imported, so ``TRITON_INTERPRET`` is set here, before any test (or the model, which imports the
+kernels) is imported.
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -70,7 +70,7 @@ if HAS_TRITON:
             valid = valid & (tl.load(km_row + ixs, mask=valid, other=0) != 0)
         if HAS_SEG:
             valid = valid & (tl.load(seg_row + ixs, mask=valid, other=-2) == qseg)
-        return tl.where(valid, ixs, 0), valid
+        return ixs, valid  # ixs: clamped to 0 where not in range (loads are masked by valid anyway)
 
     @triton.jit(do_not_specialize=["T", "S", "K"])
     def _kl_main_lse_kernel(

@@ -432,3 +432,66 @@ def test_gpu_indexer_kl_bf16(stage):
     g_r = torch.autograd.grad(loss_r, leaves_r)
     for a, b in zip(g, g_r):
         assert float((a.float() - b).norm() / b.norm().clamp_min(1e-12)) < 3e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU, slow: every main kernel variant compiles for sm_90 (Hopper) without a GPU (ahead-of-time)
+# ------------------------------------------------------------------------------------------------
+_AOT_SCRIPT = r"""
+import itertools, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from keye_vl.kernels import keye_dsa_triton as K, keye_dsa_triton_topk as TK, keye_dsa_triton_kl as KL
+bad = []
+def comp(fn, types, consts, warps, stages):
+    sig = {a: types.get(a, "i32") for a in fn.arg_names if a not in consts}
+    sig.update({c: "constexpr" for c in consts})
+    try:
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    except Exception as e:
+        bad.append(f"{fn.__name__} {consts}: {str(e)[:300]}")
+t = {"q_ptr": "*bf16", "w_ptr": "*fp32", "k_ptr": "*bf16", "km_ptr": "*i8", "seg_ptr": "*i64", "qoff_ptr": "*i64",
+     "out_ptr": "*i32", "thr_ptr": "*i64", "cand_ptr": "*i64", "cnt_ptr": "*i32", "scale": "fp32", "smp_ptr": "*i64"}
+for mode, cand in itertools.product([0, 2], [False, True]):
+    comp(TK._indexer_score_kernel, t, dict(H=16, HP=16, D=64, BQ=16 if mode == 2 else 1, BK=128, HAS_KM=True,
+         HAS_SEG=True, UPCAST=False, PRECISION="tf32", MODE=mode, CAND_OUT=cand, CAPS=8192), 4, 3)
+comp(TK._sample_thr_kernel, t, dict(H=16, HP=16, D=64, SAMPLE=1024, SB=128, TOPK=2048, HAS_KM=True, HAS_SEG=True,
+     UPCAST=False, PRECISION="tf32"), 4, 2)
+for inkeys, final in [(False, True), (False, False), (True, True)]:
+    comp(TK._topk_select_kernel, {"src_ptr": "*i64" if inkeys else "*i32", "qoff_ptr": "*i64", "scratch_ptr": "*i64",
+         "out_ptr": "*i64", "kth_ptr": "*i64"}, dict(TOPK=2048, CAND=2048, CAP=4096, BLOCK=1024,
+         SAMPLE=0 if inkeys else 1024, IN_KEYS=inkeys, FINAL=final), 4, 1)
+comp(TK._cand_select_kernel, {"cand_ptr": "*i64", "cnt_ptr": "*i32", "thr_ptr": "*i64", "scratch_ptr": "*i64",
+     "out_ptr": "*i64", "fail_ptr": "*i8"}, dict(TOPK=2048, CAPS=8192, CAPC=8192, BLOCK=1024), 8, 1)
+ta = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i64", "o_ptr": "*bf16", "lse_ptr": "*fp32",
+      "scale_log2": "fp32", "do_ptr": "*bf16", "delta_ptr": "*fp32", "dq_ptr": "*bf16", "dk_ptr": "*fp32",
+      "dv_ptr": "*fp32", "scale": "fp32"}
+meta = dict(G=8, GP=16, D=128, DP=128, DV=128, DVP=128, UPCAST=False, PRECISION="tf32")
+comp(K._sparse_attn_fwd_kernel, ta, dict(meta, BK=128), 4, 2)
+comp(K._sparse_attn_bwd_kernel, ta, dict(meta, BK=64), 4, 1)
+t1 = {"aq_ptr": "*bf16", "ak_ptr": "*bf16", "idx_ptr": "*i64", "km_ptr": "*i8", "seg_ptr": "*i64", "qoff_ptr": "*i64",
+      "lse_ptr": "*fp32", "scale_log2": "fp32", "q_ptr": "*bf16", "w_ptr": "*fp32", "k_ptr": "*bf16", "kl_ptr": "*fp32",
+      "cnt_ptr": "*i32", "dq_ptr": "*fp32", "dw_ptr": "*fp32", "dk_ptr": "*fp32", "ci": "fp32", "inv_hq": "fp32"}
+for sparse in (False, True):
+    c = dict(G=8, GP=16, DA=128, DAP=128, BK=64, SPARSE=sparse, HAS_KM=True, HAS_SEG=True, UPCAST=False,
+             PRECISION="tf32")
+    comp(KL._kl_main_lse_kernel, t1, c, 4, 2)
+    comp(KL._kl_token_kernel, t1, dict(c, HKV=4, HI=16, HIP=16, DI=64, GRAD=True), 4, 2)
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.slow
+@cpu
+def test_kernels_compile_for_hopper_ahead_of_time():
+    """The GPU build of every main kernel (bf16, all masks, both top-k paths) compiles for sm_90 here, without
+    a GPU, in a subprocess without the interpreter (catches Triton compile errors before a device run)."""
+    import subprocess
+    import sys
+
+    env = {k_: v_ for k_, v_ in os.environ.items() if k_ != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -360,6 +360,7 @@ class KeyeVL2Processor(ProcessorMixin):
                 text_kwargs.pop("padding_side", None)
             encoded = self.tokenizer(texts, **text_kwargs)
             data.update(encoded.data if hasattr(encoded, "data") else dict(encoded))
+            self._check_no_truncated_vision(data["input_ids"], image_grids, video_grids)
         elif images is None and videos is None:
             raise ValueError("give at least one of text, images or videos")
 
@@ -369,6 +370,24 @@ class KeyeVL2Processor(ProcessorMixin):
         if return_video_timestamps:
             out["video_timestamps"] = video_stamps
         return out
+
+    def _check_no_truncated_vision(self, input_ids, image_grids, video_grids) -> None:
+        """Raise ValueError when tokenization (``truncation`` / ``max_length``) dropped visual tokens: the model
+        would otherwise fail later with a feature/token mismatch, or silently see part of an image."""
+        merge = getattr(self.image_processor, "merge_size", 2) ** 2
+        want_img = sum(t * h * w // merge for t, h, w in image_grids)
+        want_vid = sum(t * h * w // merge for t, h, w in video_grids)
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(
+            [i for row in input_ids for i in row] if input_ids and isinstance(input_ids[0], list) else input_ids
+        )
+        got_img = int((ids == self.image_token_id).sum())
+        got_vid = int((ids == self.video_token_id).sum())
+        if got_img != want_img or got_vid != want_vid:
+            raise ValueError(
+                f"tokenization kept {got_img}/{want_img} image and {got_vid}/{want_vid} video placeholder tokens: "
+                "`truncation`/`max_length` cut into the visual tokens; raise max_length, lower max_pixels / the video "
+                "budget, or shorten the text"
+            )
 
     def _check_placeholder_counts(self, texts: list[str], n_images: int, n_videos: int) -> None:
         """Raise ValueError when the placeholders in ``texts`` do not match the numbers of images and videos."""
@@ -531,6 +550,7 @@ def build_keye_tokenizer(chat_template: str | None = None) -> PreTrainedTokenize
         pad_token="<|endoftext|>",
         clean_up_tokenization_spaces=False,
         model_max_length=262144,
+        padding_side="left",  # decoder-only generation: batched prompts must be left-padded
     )
     added = [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in KEYE_ADDED_TOKENS]
     tokenizer.add_tokens(added, special_tokens=True)

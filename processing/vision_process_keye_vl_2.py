@@ -459,12 +459,12 @@ def _strip_file_uri(path: str) -> str:
 
 
 def load_image(source: Any, timeout: float = 30.0) -> Image.Image:
-    """Open an image from a PIL image, a local path, a ``file://`` URI, a ``data:image...;base64,`` URI or an
-    ``http(s)://`` URL (read with ``urllib`` within ``timeout`` seconds). Returns an RGB PIL image.
+    """Open an image from a PIL image, a local path, a ``file://`` URI, a ``data:image...;base64,`` URI. ``http(s)://``
+    URLs are refused (no network calls): download first. Returns an RGB PIL image.
 
     Raises:
         FileNotFoundError: a local path does not exist.
-        ValueError: the source is not an image (message names it).
+        ValueError: the source is not an image, or is a URL (message names it).
     """
     if isinstance(source, Image.Image):
         return pil_to_rgb(source)
@@ -473,11 +473,10 @@ def load_image(source: Any, timeout: float = 30.0) -> Image.Image:
     if not isinstance(source, str):
         raise TypeError(f"unsupported image source of type {type(source).__name__}")
     if source.startswith(("http://", "https://")):
-        import urllib.request
-
-        with urllib.request.urlopen(source, timeout=timeout) as response:  # noqa: S310 (user-given URL)
-            data = response.read()
-        return _open_image_bytes(data, source)
+        raise ValueError(
+            f"image URLs are not fetched (this package makes no network calls): {source!r}; download the file and "
+            "pass its local path, a file:// URI or a PIL image"
+        )
     if source.startswith("data:image"):
         if "base64," not in source:
             raise ValueError("data URI images must be base64 encoded ('data:image/...;base64,...')")
@@ -505,7 +504,7 @@ def _open_image_bytes(data: bytes, name: str) -> Image.Image:
 def fetch_image(ele: dict[str, Any] | Any) -> Image.Image:
     """Load and resize one image element of a message (qwen-vl-utils format), spec section 7.
 
-    ``ele`` is ``{"type": "image", "image": <PIL | path | file:// | data: | http(s)://>, "min_pixels": ...,
+    ``ele`` is ``{"type": "image", "image": <PIL | path | file:// | data:> (URLs are refused: no network), "min_pixels": ...,
     "max_pixels": ..., "resized_height": ..., "resized_width": ...}`` (``"image_url"`` is accepted for ``"image"``)
     or a bare source. Returns an RGB PIL image whose sides are multiples of 28, resized with PIL bicubic (the
     resampling of PIL's ``Image.resize`` default used by keye-vl-utils / qwen-vl-utils).
@@ -545,7 +544,10 @@ def _import_av():
 def _check_video_path(path: str) -> str:
     path = _strip_file_uri(os.fspath(path))
     if path.startswith(("http://", "https://")):
-        return path  # PyAV/FFmpeg opens URLs itself
+        raise ValueError(
+            f"video URLs are not fetched (this package makes no network calls): {path!r}; download the file and "
+            "pass its local path or a file:// URI"
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"video file not found: {path!r}")
     if os.path.isdir(path):

@@ -265,8 +265,8 @@ def test_placeholder_count_mismatch(processor):
 def test_batch_padding_sides(processor):
     image = Image.new("RGB", (56, 56), "red")
     texts = ["<|image_pad|> short", "a much longer prompt without any image at all, padded"]
-    right = processor(text=texts, images=[image])
-    left = processor(text=texts, images=[image], padding_side="left")
+    right = processor(text=texts, images=[image], padding_side="right")
+    left = processor(text=texts, images=[image])  # left is the default (generation)
     lengths = right["attention_mask"].sum(-1).tolist()
     assert right["input_ids"].shape == left["input_ids"].shape == (2, max(lengths))
     short = int(np.argmin(lengths))

@@ -1,6 +1,6 @@
 """Quickstart: chat with Keye-VL-2.0 about a real photo and a real video, through the Auto classes.
 
-Without ``--model`` it builds a tiny random-weight Keye-VL-2.0 (``keye_vl.modeling_keye.tiny_config``, about 21 M
+Without ``--model`` it builds a tiny random-weight Keye-VL-2.0 (``keye_vl.modeling_keye.tiny_config``, 19.6 M
 parameters, the real Qwen3 vocabulary) and its processor, exports both as one self-contained Hub folder
 (``save_pretrained``: config, safetensors, the flat modeling / processing code with ``auto_map``), loads that folder
 back with ``AutoProcessor`` and ``AutoModelForImageTextToText`` (``trust_remote_code=True``) and asks about

@@ -40,7 +40,7 @@ def tiny_config(**overrides) -> KeyeVL2Config:
     Text: hidden 64, 2 layers, 4 query / 2 kv heads of 16 dims, M-RoPE sections [2, 3, 3], 8 experts top-2
     (moe_intermediate 32), the full Qwen3 vocabulary (151,936 rows) so the real tokenizer works; DSA indexer
     2 heads x 16 dims with top-k 16 (so sparsity turns on after 16 tokens). Vision: hidden 32, 2 layers,
-    2 heads, a 4 x 4 position table. About 21 M parameters. ``overrides`` replace any field.
+    2 heads, a 4 x 4 position table. 19,642,176 parameters. ``overrides`` replace any field.
     """
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

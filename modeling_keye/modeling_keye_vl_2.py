@@ -1189,6 +1189,14 @@ class KeyeVL2VisionTransformer(nn.Module):
             ValueError: if the number of patches does not match ``grid_thw``.
         """
         grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
+        C, P, m = self.config.num_channels, self.config.patch_size, self.config.spatial_merge_size
+        if pixel_values.dim() not in (2, 4) or pixel_values[0].numel() != C * P * P:
+            raise ValueError(
+                f"pixel_values must be [N, {C * P * P}] (or [N, {C}, {P}, {P}]) patches, got {tuple(pixel_values.shape)}"
+            )
+        bad = [g for g in grids if min(g) < 1 or g[1] % m or g[2] % m]
+        if bad:
+            raise ValueError(f"grid_thw rows {bad}: t, h, w must be >= 1 and h, w multiples of the merge size {m}")
         expected = sum(t * h * w for t, h, w in grids)
         if pixel_values.shape[0] != expected:
             raise ValueError(
@@ -1796,10 +1804,36 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
         # (generation_mode, batch_size, max_cache_length) follow in 5.17 through 5.2x: size the cache once for
         # prompt + max_new_tokens instead of growing it
         max_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
+        if isinstance(max_len, int) and max_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt + max_new_tokens = {max_len} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens"
+            )
         for key in ("cache", "past_key_values"):
             if type(model_kwargs.get(key)) is DynamicCache and model_kwargs[key].get_seq_length() == 0:
                 model_kwargs[key] = KeyeVL2Cache(capacity=int(max_len) if isinstance(max_len, int) and max_len > 0 else None)
         return result
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Repeat each sample ``expand_size`` times (beam search, ``num_return_sequences``). Patches and grids are
+        flattened over the batch, so they are regrouped per sample first (by the placeholder tokens each row holds)
+        and each sample's group is repeated, instead of repeating single patches."""
+        vision = {}
+        if expand_size > 1 and input_ids is not None:
+            merge = self.config.vision_config.spatial_merge_size**2
+            for pix_key, grid_key, token_id in (
+                ("pixel_values", "image_grid_thw", self.config.image_token_id),
+                ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
+            ):
+                pix, grid = model_kwargs.pop(pix_key, None), model_kwargs.pop(grid_key, None)
+                if pix is not None and grid is not None:
+                    pix, grid = _repeat_vision_per_sample(input_ids, pix, grid, token_id, merge, expand_size)
+                vision[pix_key], vision[grid_key] = pix, grid
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update({k: v for k, v in vision.items() if v is not None})
+        return input_ids, model_kwargs
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         """Vision inputs only at the first step; M-RoPE positions are computed by ``forward`` (prefill: full
@@ -1813,6 +1847,27 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
         model_inputs["position_ids"] = None
         model_inputs.pop("cache_position", None)
         return model_inputs
+
+
+def _repeat_vision_per_sample(input_ids, pixels, grid, token_id, merge, repeats):
+    """Regroup flattened patches [N, C*P*P] and grids [n, 3] by batch row (each row owns the images / videos whose
+    placeholder tokens it holds, in order) and repeat each row's group ``repeats`` times, row by row."""
+    tokens = (grid.prod(-1) // merge).tolist()  # placeholder tokens of each image / video
+    patches = grid.prod(-1).tolist()
+    per_row = (input_ids == token_id).sum(-1).tolist()
+    pix_parts, grid_parts, item, start = [], [], 0, 0
+    for row, need in enumerate(per_row):
+        first, got, p0 = item, 0, start
+        while got < need and item < len(tokens):
+            got += tokens[item]
+            start += patches[item]
+            item += 1
+        if got != need:
+            raise ValueError(f"row {row} holds {need} vision placeholder tokens, which do not match its grids")
+        for _ in range(repeats):
+            pix_parts.append(pixels[p0:start])
+            grid_parts.append(grid[first:item])
+    return torch.cat(pix_parts), torch.cat(grid_parts)
 
 
 def freeze_for_indexer_warmup(model: nn.Module) -> list[str]:

@@ -401,3 +401,54 @@ def test_non_reentrant_checkpointing_when_the_grouped_mm_probe_runs_inside_a_lay
     ids = torch.randint(0, 5000, (1, 40), generator=torch.Generator().manual_seed(7))
     model(input_ids=ids, labels=ids, segment_ids=torch.zeros_like(ids)).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "experts" in n)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_beam_search_repeats_each_samples_whole_vision_input(kind):
+    model = make_model(seed=11, impl="dsa_torch")
+    g = torch.Generator().manual_seed(8)
+    if kind == "image":
+        grids = [[1, 4, 6], [1, 2, 4]]
+        tok, pix_key, grid_key = IMG, "pixel_values", "image_grid_thw"
+        rows = [[5, 6, 151652] + [tok] * (t * h * w // 4) + [151653, 7] for t, h, w in grids]
+    else:
+        grids = [[2, 2, 4], [1, 4, 2]]
+        tok, pix_key, grid_key = VID, "pixel_values_videos", "video_grid_thw"
+        rows = []
+        for t, h, w in grids:
+            frames = []
+            for _ in range(t):
+                frames += [151669, 15] + [tok] * (h * w // 4)
+            rows.append([5, 151652] + frames + [151653, 7])
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    parts = [torch.randn(t * h * w, 588, generator=g) for t, h, w in grids]
+    vision = {pix_key: torch.cat(parts), grid_key: torch.tensor(grids)}
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get(pix_key)), with_kwargs=True)
+    with torch.no_grad():
+        beams = model.generate(input_ids=ids, attention_mask=mask, **vision, max_new_tokens=4, num_beams=2,
+                               num_return_sequences=2, do_sample=False)
+    want = torch.cat([parts[0], parts[0], parts[1], parts[1]])
+    assert torch.equal(seen[0], want)
+    assert all(s is None for s in seen[1:])  # vision inputs only at the first step
+    assert beams.shape[0] == 4
+
+
+def test_generate_beyond_max_position_embeddings_fails_before_generating():
+    model = KeyeVL2MoeForConditionalGeneration(tiny_config(max_position_embeddings=64)).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=64"):
+        model.generate(input_ids=torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10, do_sample=False)
+    assert not calls
+
+
+def test_malformed_patches_and_grids_name_the_problem():
+    model = make_model()
+    ids, pixels, grid = image_inputs()
+    with pytest.raises(ValueError, match=r"pixel_values must be \[N, 588\]"):
+        model(input_ids=ids, pixel_values=pixels[:, :583], image_grid_thw=grid)
+    with pytest.raises(ValueError, match="multiples of the merge size"):
+        model(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, 1, 24]]))

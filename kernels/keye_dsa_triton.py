@@ -18,20 +18,11 @@ fp16 ``tl.dot`` are not trustworthy) and use fp32 dots. Kernels run on CUDA tens
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # Triton is optional: the package imports (and the reference works) without it.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
+# Triton is optional (the package imports, and the reference works, without it): the guarded import, the
+# interpreter flag and the small launch helpers live in keye_dsa_triton_topk and are shared by all kernel files.
+from .keye_dsa_triton_topk import HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, tl, triton  # noqa: F401
 from .keye_dsa_triton_kl import indexer_kl_loss  # noqa: E402
 from .keye_dsa_triton_topk import CONFIG as TOPK_CONFIG  # noqa: E402
 from .keye_dsa_triton_topk import dsa_topk_indices  # noqa: E402
@@ -47,29 +38,6 @@ CONFIG = {
     "attn_bwd_warps": 4,
     "attn_bwd_stages": 1,
 }
-
-
-# Fixed at import, like triton.jit's choice between compiled and interpreted kernels.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _interpreting() -> bool:
-    return _INTERPRET
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _check_triton(*tensors: torch.Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("keye_dsa_triton needs the `triton` package; install it or use keye_dsa_reference")
-    for x in tensors:
-        if x is not None and x.device.type != "cuda" and not _interpreting():
-            raise RuntimeError(
-                f"keye_dsa_triton kernels run on CUDA tensors (got {x.device}); move the inputs to the GPU, "
-                "use keye_dsa_reference on CPU, or set TRITON_INTERPRET=1 before importing triton (slow, tests only)"
-            )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,7 +175,7 @@ def _attn_meta(q, k, v):
     B, T, Hq, D = q.shape
     S, Hkv, DV = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
-    interp = _interpreting()
+    interp = _INTERPRET
     return dict(G=G, GP=max(16, _next_pow2(G)), D=D, DP=max(16, _next_pow2(D)), DV=DV, DVP=max(16, _next_pow2(DV)),
                 UPCAST=interp, PRECISION="ieee" if (q.dtype == torch.float32 or interp) else "tf32")
 

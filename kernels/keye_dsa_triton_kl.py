@@ -19,38 +19,10 @@ Cost: dense warm-up recomputes the main QK^T twice (lse, then p): use it at trai
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .keye_dsa_reference import _q_offsets
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # fixed at import, as triton.jit's choice
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _check_triton(*tensors) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("keye_dsa_triton needs the `triton` package; install it or use keye_dsa_reference")
-    for x in tensors:
-        if x is not None and x.device.type != "cuda" and not _INTERPRET:
-            raise RuntimeError(
-                f"keye_dsa_triton kernels run on CUDA tensors (got {x.device}); move the inputs to the GPU, "
-                "use keye_dsa_reference on CPU, or set TRITON_INTERPRET=1 before importing triton (slow, tests only)"
-            )
+from .keye_dsa_triton_topk import HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, tl, triton  # noqa: F401
 
 
 if HAS_TRITON:

@@ -23,7 +23,6 @@ self-contained.
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -480,17 +479,21 @@ class KeyeVL2TextRotaryEmbedding(nn.Module):
         self.interleaved = bool(config.rope_parameters.get("mrope_interleaved", False))
         if self.interleaved:
             raise NotImplementedError("mrope_interleaved=True is not used by Keye-VL-2.0 and is not implemented")
-        rope_type = config.rope_parameters.get("rope_type", "default")
+        self.config = config
         self.attention_scaling = 1.0
-        if rope_type == "default":
-            inv_freq = default_inv_freq(config.head_dim, config.rope_theta_value)
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
-            if rope_type not in ROPE_INIT_FUNCTIONS:
-                raise ValueError(f"Unknown rope type {rope_type!r} in rope_scaling")
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+    def compute_inv_freq(self) -> torch.Tensor:
+        """[head_dim / 2] fp32 inverse frequencies (sets ``attention_scaling`` for non-default rope types)."""
+        rope_type = self.config.rope_parameters.get("rope_type", "default")
+        if rope_type == "default":
+            return default_inv_freq(self.config.head_dim, self.config.rope_theta_value)
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"Unknown rope type {rope_type!r} in rope_scaling")
+        inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
+        return inv_freq
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return mrope_cos_sin(position_ids, self.inv_freq, self.mrope_section, self.attention_scaling)
@@ -502,9 +505,14 @@ class KeyeVL2IndexerRotaryEmbedding(nn.Module):
 
     def __init__(self, config: KeyeVL2Config):
         super().__init__()
-        d_i = int(config.sa_config["indexer_head_dim"])
-        self.mrope_section = [int(s * d_i / config.head_dim) for s in config.mrope_section]
-        self.register_buffer("inv_freq", default_inv_freq(d_i, config.rope_theta_value), persistent=False)
+        self.dim = int(config.sa_config["indexer_head_dim"])
+        self.theta = config.rope_theta_value
+        self.mrope_section = [int(s * self.dim / config.head_dim) for s in config.mrope_section]
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """[D_I / 2] fp32 inverse frequencies."""
+        return default_inv_freq(self.dim, self.theta)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return mrope_cos_sin(position_ids, self.inv_freq, self.mrope_section)
@@ -1097,8 +1105,13 @@ class KeyeVL2VisionRotaryEmbedding(nn.Module):
 
     def __init__(self, config: KeyeVL2VisionConfig):
         super().__init__()
-        head_dim = config.hidden_size // config.num_attention_heads
-        self.register_buffer("inv_freq", default_inv_freq(head_dim // 2, config.rope_theta), persistent=False)
+        self.dim = config.hidden_size // config.num_attention_heads // 2  # 36: 18 frequencies per axis
+        self.theta = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """[head_dim / 4] fp32 inverse frequencies ``theta^(-2i/dim)``."""
+        return default_inv_freq(self.dim, self.theta)
 
     def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [h * w, head_dim] fp32 for a raster-ordered h x w patch grid."""
@@ -1257,15 +1270,6 @@ class KeyeVL2Projector(nn.Module):
 # ======================================================================================================
 # Positions
 # ======================================================================================================
-def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each run of True in a 1-D bool tensor."""
-    m = mask.to(torch.int8)
-    d = torch.diff(m, prepend=m.new_zeros(1), append=m.new_zeros(1))
-    starts = torch.nonzero(d == 1).flatten().tolist()
-    ends = torch.nonzero(d == -1).flatten().tolist()
-    return list(zip(starts, ends))
-
-
 def get_rope_index(
     input_ids: torch.Tensor,
     image_grid_thw: torch.Tensor | None,
@@ -1398,7 +1402,6 @@ class KeyeVL2PreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False
-    _keys_to_ignore_on_load_unexpected = [r"\.rotary\.inv_freq$"]
 
     def _init_weights(self, module):
         from transformers import initialization as init
@@ -1419,17 +1422,8 @@ class KeyeVL2PreTrainedModel(PreTrainedModel):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         # non-persistent rotary buffers are recomputed (meta-device init leaves them empty)
-        if isinstance(module, KeyeVL2TextRotaryEmbedding):
-            module.inv_freq = default_inv_freq(self.config.head_dim, self.config.rope_theta_value).to(module.inv_freq.device) \
-                if self.config.rope_parameters.get("rope_type", "default") == "default" else module.inv_freq
-        elif isinstance(module, KeyeVL2IndexerRotaryEmbedding):
-            d_i = int(self.config.sa_config["indexer_head_dim"])
-            module.inv_freq = default_inv_freq(d_i, self.config.rope_theta_value).to(module.inv_freq.device)
-        elif isinstance(module, KeyeVL2VisionRotaryEmbedding):
-            vc = self.config.vision_config
-            module.inv_freq = default_inv_freq(vc.hidden_size // vc.num_attention_heads // 2, vc.rope_theta).to(
-                module.inv_freq.device
-            )
+        if isinstance(module, (KeyeVL2TextRotaryEmbedding, KeyeVL2IndexerRotaryEmbedding, KeyeVL2VisionRotaryEmbedding)):
+            module.inv_freq = module.compute_inv_freq().to(module.inv_freq.device)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained`` plus a complete ``auto_map`` (AutoConfig, AutoModel,

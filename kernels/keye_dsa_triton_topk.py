@@ -8,9 +8,9 @@ packed with its position into a unique int64 key ``(score_key << 32) | (2**32 - 
 the fp32 score mapped to an order-preserving int32, NaN -> -inf, -0.0 -> +0.0): larger is better and equal
 scores rank the lower position first, so the top-k is exact and deterministic (bitwise reproducible). A key
 that is not allowed (causal, ``key_mask``, ``segment_ids``) is a sentinel below every score (an allowed -inf
-still ranks above it). Finding the k-th key never sorts: ``_kth_key`` bisects (32 steps on the score half,
-32 more on the position half only when equal scores straddle the k-th place), and positions are written in
-ascending order by stream compaction (cumsum), ``-1`` after them.
+still ranks above it). Finding the k-th key never sorts: ``_kth_key`` is a radix select (four 8-bit
+histogram passes on the score half, four more on the position half only when equal scores straddle the k-th
+place), and positions are written in ascending order by stream compaction (cumsum), ``-1`` after them.
 
 Fused path (prefill, the default when a chunk has >= 2 x SMs rows):
 1. ``_sample_thr_kernel``: per query, score ``select_sample`` (1024) keys spread evenly over its allowed range
@@ -228,36 +228,47 @@ if HAS_TRITON:
             tl.store(cnt_ptr + crow * nsp + pid_s, cnt, mask=rmask)
 
     # ------------------------------------------------------------------------------------------------
-    # exact top-k of a row of keys (no sort: bisection for the k-th key, stream compaction for the rest)
+    # exact top-k of a row of keys (no sort: radix select for the k-th key, stream compaction for the rest)
     # ------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _radix_kth(u, m, need):
+        """Radix select on non-negative int64 values ``u < 2**32`` where ``m``: the ``need``-th largest, as
+        (value, how many of the selected value are still needed). Four 8-bit digits from the top, one
+        ``tl.histogram`` each; ``need`` must be in ``[1, #m]``."""
+        d256 = tl.arange(0, 256)
+        prefix = tl.sum(tl.zeros([16], tl.int64), axis=0)
+        for p in tl.static_range(4):
+            digit = ((u >> (24 - 8 * p)) & 255).to(tl.int32)
+            if p == 0:
+                mp = m
+            else:
+                mp = m & ((u >> (32 - 8 * p)) == prefix)
+            h = tl.histogram(digit, 256, mask=mp)
+            ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # ge[d] = #(digit >= d), non-increasing in d
+            dstar = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
+            need -= tl.sum(tl.where(d256 > dstar, h, 0), axis=0)
+            prefix = prefix * 256 + dstar
+        return prefix, need
+
     @triton.jit
     def _kth_key(X, k):
         """The k-th largest of the packed int64 keys X (1-D; SENT = empty), or SENT if fewer than k are valid.
 
-        Two 32-step bisections: the score half (largest v with #(X >> 32 >= v) >= k), then, when equal scores
-        straddle the k-th place, the position half among them (larger = lower position)."""
-        hi32 = X >> 32
-        blo = tl.sum(tl.zeros([16], tl.int64), axis=0) - 2147483648
-        bhi = blo + 4294967295
-        for _ in range(32):
-            mid = (blo + bhi + 1) >> 1
-            ok = tl.sum((hi32 >= mid).to(tl.int32), axis=0) >= k
-            blo = tl.where(ok, mid, blo)
-            bhi = tl.where(ok, bhi, mid - 1)
-        kth = blo * 0 + _SENT
-        if blo > -2147483648:
-            eq = hi32 == blo
-            need = k - tl.sum((hi32 > blo).to(tl.int32), axis=0)
+        Exact radix select (``_radix_kth``: four 8-bit histogram passes) on the score half, then, only when equal
+        scores straddle the k-th place, four more on the position half among them (larger = lower position)."""
+        valid = X != _SENT
+        nvalid = tl.sum(valid.to(tl.int32), axis=0)
+        kth = tl.sum(tl.zeros([16], tl.int64), axis=0) + _SENT
+        if nvalid >= k:
+            u = (X >> 32) + 2147483648  # order-preserving, in [1, 2**32) for valid keys
+            v, need = _radix_kth(u, valid, k)
+            eq = valid & (u == v)
             low = X & 4294967295
-            ulo = tl.min(tl.where(eq, low, 4294967296), axis=0)
             if tl.sum(eq.to(tl.int32), axis=0) > need:
-                uhi = ulo * 0 + 4294967295
-                for _ in range(32):
-                    mid = (ulo + uhi + 1) >> 1
-                    ok = tl.sum((eq & (low >= mid)).to(tl.int32), axis=0) >= need
-                    ulo = tl.where(ok, mid, ulo)
-                    uhi = tl.where(ok, uhi, mid - 1)
-            kth = blo * 4294967296 + ulo
+                ulo, need2 = _radix_kth(low, eq, need)
+            else:
+                ulo = tl.min(tl.where(eq, low, 4294967296), axis=0)
+            kth = (v - 2147483648) * 4294967296 + ulo
         return kth
 
     @triton.jit
@@ -704,14 +715,31 @@ def _topk_fused_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta, CA
         TOPK=topk, CAPS=caps, CAPC=CAPC, BLOCK=16 if _INTERPRET else 1024,
         num_warps=4 if _INTERPRET else CONFIG["cand_select_warps"], num_stages=1)
     del cand, scratch
-    bad = fail.nonzero().flatten().tolist()  # one host sync per chunk
+    bad = fail.nonzero().flatten()
+    nbad = int(bad.numel())  # one host sync per chunk
     STATS["fused_rows"] += R
-    STATS["fallback_rows"] += len(bad)
-    for r in bad:  # exact path, one query at a time (rare: the sample misrepresented the row)
-        b, t = divmod(r, Tc)
-        t += t0
-        pos = int(qo[b]) + t
-        _topk_buffered_chunk(q[b:b + 1, t:t + 1], w[b:b + 1, t:t + 1], k[b:b + 1],
-                             None if km is None else km[b:b + 1], None if seg is None else seg[b:b + 1],
-                             qo[b:b + 1].clone().fill_(pos), pos, out[b:b + 1, t:t + 1], topk, 0, 1,
-                             _score_meta(meta["H"], meta["D"], 1, q.dtype))
+    STATS["fallback_rows"] += nbad
+    if nbad:
+        _topk_rows_exact(q, w, k, km, seg, qo, out, topk, bad // Tc, bad % Tc + t0, meta)
+
+
+def _topk_rows_exact(q, w, k, km, seg, qo, out, topk, rb, rt, meta):
+    """Recompute the rows (rb[i], rt[i]) (LongTensors [n]) on the exact buffered path, batched: the rows of one
+    batch element become a batch of single-query rows over the same keys (k broadcast with stride 0)."""
+    S = k.shape[1]
+    m1 = _score_meta(meta["H"], meta["D"], 1, q.dtype)
+    for b in rb.unique().tolist():
+        ts = rt[rb == b]
+        pos = qo[b] + ts  # [n] positions of the queries
+        L = min(S, int(pos.max()) + 1)
+        per_row = L * (4 + (1 if km is not None else 0) + (8 if seg is not None else 0))
+        step = max(1, CONFIG["score_buffer_bytes"] // per_row)
+        for i in range(0, ts.numel(), step):
+            tt, pp = ts[i:i + step], pos[i:i + step]
+            n = tt.numel()
+            o = torch.empty((n, 1, topk), dtype=torch.int64, device=q.device)
+            _topk_buffered_chunk(q[b, tt][:, None], w[b, tt][:, None], k[b:b + 1].expand(n, S, k.shape[2]),
+                                 None if km is None else km[b:b + 1].expand(n, S).contiguous(),
+                                 None if seg is None else seg[b:b + 1].expand(n, S).contiguous(),
+                                 pp.contiguous(), L - 1, o, topk, 0, 1, m1)
+            out[b, tt] = o[:, 0]

@@ -121,6 +121,28 @@ def test_topk_fused_equals_buffered_and_overflow_fallback(monkeypatch):
 
 
 @cpu
+def test_topk_fallback_rows_batched_with_masks():
+    """Overflowing rows of several batch elements, with key_mask, segment_ids and per-sequence offsets, are
+    recomputed together (one batched exact pass per batch element) and equal the reference."""
+    topk_mod = _tri_parts[1]
+    B, T, S, H, D, topk = 2, 8, 240, 4, 16, 13
+    q, w, k = _indexer_inputs(B, T, S, H, D, seed=31)
+    k[0, :] = k[0, :1]  # batch 0: all scores equal in every row -> candidate lists overflow
+    k[1, 40:] = k[1, 40:41]  # batch 1: a long run of equal keys
+    g = torch.Generator().manual_seed(5)
+    key_mask = torch.rand(B, S, generator=g) > 0.15
+    segment_ids = torch.zeros(B, S, dtype=torch.long)
+    segment_ids[1, 100:] = 1
+    qo = torch.tensor([S - T, 180])
+    before = dict(topk_mod.STATS)
+    out = tri.dsa_topk_indices(q, w, k, topk, q_offset=qo, key_mask=key_mask, segment_ids=segment_ids)
+    assert topk_mod.STATS["fused_rows"] == before["fused_rows"] + B * T
+    assert topk_mod.STATS["fallback_rows"] - before["fallback_rows"] >= T  # every row of batch 0 at least
+    expect = ref.dsa_topk_indices(q, w, k, topk, q_offset=qo, key_mask=key_mask, segment_ids=segment_ids)
+    assert torch.equal(out, expect)
+
+
+@cpu
 def test_topk_sampled_threshold_fallback():
     """A row whose sampled keys are its best ones: the sampled threshold lets too few keys through and the
     row is streamed again without it (exactness never depends on the sample)."""
@@ -286,6 +308,30 @@ def test_sparse_attention_fp16_and_out_of_range_indices():
     fixed[0, 0, -1] = -1
     torch.testing.assert_close(tri.sparse_attention(q, k, v, bad, scaling=0.2),
                                ref.sparse_attention(q, k, v, fixed, scaling=0.2), atol=2e-3, rtol=2e-3)
+
+
+@cpu
+def test_sparse_attention_split_key_lists_decode(monkeypatch):
+    """Decode-sized grids split each key list over several programs and combine the partial results by their
+    log-sum-exp: equal to the unsplit kernel and the reference, incl. a split whose slots are all empty and a
+    query with no key at all; gradients too."""
+    monkeypatch.setitem(tri.CONFIG, "attn_bk", 16)
+    meta = tri._attn_splits(2 * 1 * 2, 70, 16, torch.device("cpu"))
+    assert meta == (3, 32)  # 4 programs < 2 x 4 "SMs": 70 slots in 3 splits of two 16-slot blocks
+    q, k, v, idx = _attn_inputs(2, 1, 90, 8, 2, 32, 32, 70, seed=12)
+    idx[0, 0, 32:64] = -1  # the second split of this query has no key
+    idx[1, 0] = -1  # no key at all
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    o, lse = tri.sparse_attention(qs, ks, vs, idx, scaling=0.2, return_lse=True)
+    o_r, lse_r = ref.sparse_attention(q, k, v, idx, scaling=0.2, return_lse=True)
+    torch.testing.assert_close(o, o_r, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, lse_r.float(), atol=2e-5, rtol=2e-5)
+    assert bool((o[1] == 0).all()) and bool(torch.isneginf(lse[1]).all())
+    monkeypatch.setitem(tri.CONFIG, "attn_split", False)
+    o1, lse1 = tri.sparse_attention(q, k, v, idx, scaling=0.2, return_lse=True)
+    torch.testing.assert_close(o, o1, atol=1e-6, rtol=1e-6)
+    g = torch.autograd.grad(o, (qs, ks, vs), torch.ones_like(o))
+    assert all(not torch.isnan(x).any() for x in g)
 
 
 # ------------------------------------------------------------------------------------------------

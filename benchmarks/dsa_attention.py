@@ -361,17 +361,6 @@ def sweep(rec, tri, S, budget, apply=True, decode=(32, 131072)):
     idx = tri.dsa_topk_indices(qi, wi, ki, TOPK)
     T = tri.TOPK_CONFIG
 
-    def score_only():
-        T["_score_only"] = True
-        try:
-            return bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), budget, min_reps=2), True
-        finally:
-            T["_score_only"] = False
-
-    def full():
-        ms = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), budget, min_reps=2)
-        return ms, bool(torch.equal(tri.dsa_topk_indices(qi, wi, ki, TOPK), idx))
-
     def rows_equal(out):
         return float((out == idx).all(-1).float().mean())
 
@@ -386,24 +375,33 @@ def sweep(rec, tri, S, budget, apply=True, decode=(32, 131072)):
         ms = bench(lambda: tri.dsa_topk_indices(qi, wi, ki, TOPK), budget, min_reps=2)
         return ms, rows_equal(tri.dsa_topk_indices(qi, wi, ki, TOPK))
 
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwd_bwd():
+        o = tri.sparse_attention(qg, kg, vg, idx, scaling=D ** -0.5)
+        return torch.autograd.grad(o, (qg, kg, vg), do)
+
     groups = [
-        ("score", T, score_only, [{}, {"score_bq": 32}, {"score_mode": 1, "score_bq": 16, "score_warps": 8},
-                                  {"score_mode": 0, "score_bq": 8, "score_warps": 8}]),
-        ("select", T, full, [{}, {"cand_select_warps": 8}, {"select_sample": 2048}, {"select_sample": 512},
-                             {"fused_candidates": False}]),
+        ("score", T, score_only, [{}, {"score_stages": 2}, {"score_bk": 64}, {"score_bq": 32, "score_warps": 8}]),
+        ("select", T, full, [{}, {"cand_select_warps": 16}, {"select_sample": 512}]),
         ("attn", tri.CONFIG, lambda: (bench(lambda: tri.sparse_attention(q, k, v, idx, scaling=D ** -0.5), budget,
                                             min_reps=2), 1.0),
-         [{}, {"attn_bk": 64}, {"attn_warps": 8}]),
+         [{}, {"attn_bk": 64, "attn_stages": 4}]),
+        ("attn_bwd", tri.CONFIG, lambda: (bench(fwd_bwd, budget, min_reps=2), 1.0),
+         [{}, {"attn_bwd_bk": 64}, {"attn_bwd_stages": 2}]),
     ]
     for label, cfg, run, variants in groups:
         rows = _try_variants(rec, cfg, variants, run, label)
         res[label] = rows
-        ok = [r for r in rows if r["rows_equal"] >= 0.99]  # score layouts differ only on fp32 near-ties
+        # score layouts differ only on fp32 near-ties; selection settings change only which rows take the exact
+        # fallback path (one query at a time, another summation order): near-ties in a handful of rows
+        ok = [r for r in rows if r["rows_equal"] >= (0.99 if label == "score" else 0.9999)]
         if apply and ok:
             best = min(ok, key=lambda r: r["ms"])
             cfg.update(best["override"])
             res[label + "_chosen"] = best["override"]
-    del q, k, v, qi, wi, ki, idx
+    del q, k, v, qi, wi, ki, idx, qg, kg, vg, do
     torch.cuda.empty_cache()
     # decode: few long rows (split rows, bigger blocks)
     B, Sd = decode

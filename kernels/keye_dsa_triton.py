@@ -22,7 +22,7 @@ import torch
 
 # Triton is optional (the package imports, and the reference works, without it): the guarded import, the
 # interpreter flag and the small launch helpers live in keye_dsa_triton_topk and are shared by all kernel files.
-from .keye_dsa_triton_topk import HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, _num_sms, tl, triton  # noqa: F401
+from .keye_dsa_triton_topk import HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, tl, triton  # noqa: F401
 from .keye_dsa_triton_kl import indexer_kl_loss  # noqa: E402
 from .keye_dsa_triton_topk import CONFIG as TOPK_CONFIG  # noqa: E402
 from .keye_dsa_triton_topk import dsa_topk_indices  # noqa: E402
@@ -32,10 +32,9 @@ __all__ = ["HAS_TRITON", "dsa_topk_indices", "sparse_attention", "indexer_kl_los
 # Tunables of the sparse-attention kernels (the benchmark may override them); top-k: TOPK_CONFIG.
 CONFIG = {
     "attn_bk": 128,                 # gathered keys per sparse-attention step
-    "attn_split": True,             # split the key list over programs when the grid is small (decode)
     "attn_warps": 4,
     "attn_stages": 2,
-    "attn_bwd_bk": 64,
+    "attn_bwd_bk": 32,
     "attn_bwd_warps": 4,
     "attn_bwd_stages": 1,
 }
@@ -49,17 +48,14 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["T", "S", "K"])
     def _sparse_attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
-        T, S, K, HKV, scale_log2, KS,
-        sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sob, sot, soh, slb, slt, sos, sls,
+        T, S, K, HKV, scale_log2,
+        sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sob, sot, soh, slb, slt,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
         DVP: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # q: [B, T, Hq, D], k: [B, S, Hkv, D], v: [B, S, Hkv, DV], idx: [B, T, K] int64,
-        # o: [B, T, Hq, DV], lse: [B, T, Hq] fp32. One program = one (b, t, kv head g): its G query heads, over
-        # the list slots [split * KS, (split + 1) * KS) (split = program_id(1); o/lse of split s at + s * sos/sls:
-        # several splits write partial results, normalised over their own slots, that the caller combines).
+        # o: [B, T, Hq, DV], lse: [B, T, Hq] fp32. One program = one (b, t, kv head g): its G query heads.
         pid = tl.program_id(0)
-        split = tl.program_id(1)
         g = pid % HKV
         bt = pid // HKV
         t = (bt % T).to(tl.int64)
@@ -79,10 +75,9 @@ if HAS_TRITON:
         kbase = k_ptr + b * skb + g * skh
         vbase = v_ptr + b * svb + g * svh
         ibase = idx_ptr + b * sib + t * sit
-        j_end = tl.minimum(K, split * KS + KS)
-        for j0 in range(split * KS, j_end, BK):
+        for j0 in range(0, K, BK):
             j = j0 + tl.arange(0, BK)
-            ix = tl.load(ibase + j, mask=j < j_end, other=-1)
+            ix = tl.load(ibase + j, mask=j < K, other=-1)
             valid = (ix >= 0) & (ix < S)
             ixs = tl.where(valid, ix, 0)
             kv = tl.load(kbase + ixs[:, None] * sks + d[None, :], mask=valid[:, None] & (d < D)[None, :], other=0.0)
@@ -104,9 +99,9 @@ if HAS_TRITON:
         l_safe = tl.where(has, l_i, 1.0)
         o = acc / l_safe[:, None]
         lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(o_ptr + split * sos + b * sob + t * sot + hq[:, None] * soh + dv[None, :],
-                 o.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (dv < DV)[None, :])
-        tl.store(lse_ptr + split * sls + b * slb + t * slt + hq, lse, mask=rmask)
+        tl.store(o_ptr + b * sob + t * sot + hq[:, None] * soh + dv[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (dv < DV)[None, :])
+        tl.store(lse_ptr + b * slb + t * slt + hq, lse, mask=rmask)
 
     @triton.jit(do_not_specialize=["T", "S", "K"])
     def _sparse_attn_bwd_kernel(
@@ -177,53 +172,29 @@ if HAS_TRITON:
 
 
 def _attn_meta(q, k, v):
-    B, T, Hq, D = q.shape
-    S, Hkv, DV = k.shape[1], k.shape[2], v.shape[3]
+    Hq, D = q.shape[2], q.shape[3]
+    Hkv, DV = k.shape[2], v.shape[3]
     G = Hq // Hkv
     interp = _INTERPRET
     return dict(G=G, GP=max(16, _next_pow2(G)), D=D, DP=max(16, _next_pow2(D)), DV=DV, DVP=max(16, _next_pow2(DV)),
                 UPCAST=interp, PRECISION="ieee" if (q.dtype == torch.float32 or interp) else "tf32")
 
 
-def _attn_splits(n_prog, K, BK, device):
-    """Key-list splits per (token, KV head) so that few programs (decode) still fill the GPU: 1 when the grid
-    already has >= 2 programs per SM, else up to 4 programs per SM, at least one BK block per split."""
-    nsm = _num_sms(device)
-    nblk = max(1, -(-K // BK))
-    if n_prog >= 2 * nsm or nblk == 1:
-        return 1, nblk * BK
-    ns = min(nblk, -(-4 * nsm // n_prog))
-    per = -(-nblk // ns)
-    return -(-nblk // per), per * BK
-
-
 def _sparse_attn_fwd(q, k, v, indices, scaling):
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     K = indices.shape[2]
-    DV = v.shape[3]
-    o = torch.empty((B, T, Hq, DV), dtype=q.dtype, device=q.device)
+    o = torch.empty((B, T, Hq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, T, Hq), dtype=torch.float32, device=q.device)
     if B * T == 0:
         return o, lse
-    BK = CONFIG["attn_bk"]
-    ns, KS = _attn_splits(B * T * Hkv, K, BK, q.device) if CONFIG["attn_split"] else (1, max(K, 1))
-    if ns > 1:  # partial results per split (fp32), combined below by their log-sum-exp
-        o_p = torch.empty((ns, B, T, Hq, DV), dtype=torch.float32, device=q.device)
-        lse_p = torch.empty((ns, B, T, Hq), dtype=torch.float32, device=q.device)
-    else:
-        o_p, lse_p = o, lse
-    _sparse_attn_fwd_kernel[(B * T * Hkv, ns)](
-        q, k, v, indices, o_p, lse_p, T, S, K, Hkv, scaling * 1.4426950408889634, KS,
+    _sparse_attn_fwd_kernel[(B * T * Hkv,)](
+        q, k, v, indices, o, lse, T, S, K, Hkv, scaling * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), indices.stride(0), indices.stride(1),
-        o_p.stride(-4), o_p.stride(-3), o_p.stride(-2), lse_p.stride(-3), lse_p.stride(-2),
-        o_p.stride(0) if ns > 1 else 0, lse_p.stride(0) if ns > 1 else 0,
-        BK=BK, num_warps=CONFIG["attn_warps"], num_stages=CONFIG["attn_stages"], **_attn_meta(q, k, v))
-    if ns > 1:
-        lse.copy_(torch.logsumexp(lse_p, dim=0))  # -inf where no split had a key
-        wgt = torch.exp(lse_p - lse.clamp_min(torch.finfo(torch.float32).min)).nan_to_num_(0.0)
-        o.copy_((wgt[..., None] * o_p).sum(0))
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        BK=CONFIG["attn_bk"], num_warps=CONFIG["attn_warps"], num_stages=CONFIG["attn_stages"],
+        **_attn_meta(q, k, v))
     return o, lse
 
 

@@ -8,9 +8,9 @@ packed with its position into a unique int64 key ``(score_key << 32) | (2**32 - 
 the fp32 score mapped to an order-preserving int32, NaN -> -inf, -0.0 -> +0.0): larger is better and equal
 scores rank the lower position first, so the top-k is exact and deterministic (bitwise reproducible). A key
 that is not allowed (causal, ``key_mask``, ``segment_ids``) is a sentinel below every score (an allowed -inf
-still ranks above it). Finding the k-th key never sorts: ``_kth_key`` is a radix select (four 8-bit
-histogram passes on the score half, four more on the position half only when equal scores straddle the k-th
-place), and positions are written in ascending order by stream compaction (cumsum), ``-1`` after them.
+still ranks above it). Finding the k-th key never sorts: ``_kth_key`` bisects (32 steps on the score half,
+32 more on the position half only when equal scores straddle the k-th place), and positions are written in
+ascending order by stream compaction (cumsum), ``-1`` after them.
 
 Fused path (prefill, the default when a chunk has >= 2 x SMs rows):
 1. ``_sample_thr_kernel``: per query, score ``select_sample`` (1024) keys spread evenly over its allowed range
@@ -228,47 +228,36 @@ if HAS_TRITON:
             tl.store(cnt_ptr + crow * nsp + pid_s, cnt, mask=rmask)
 
     # ------------------------------------------------------------------------------------------------
-    # exact top-k of a row of keys (no sort: radix select for the k-th key, stream compaction for the rest)
+    # exact top-k of a row of keys (no sort: bisection for the k-th key, stream compaction for the rest)
     # ------------------------------------------------------------------------------------------------
-    @triton.jit
-    def _radix_kth(u, m, need):
-        """Radix select on non-negative int64 values ``u < 2**32`` where ``m``: the ``need``-th largest, as
-        (value, how many of the selected value are still needed). Four 8-bit digits from the top, one
-        ``tl.histogram`` each; ``need`` must be in ``[1, #m]``."""
-        d256 = tl.arange(0, 256)
-        prefix = tl.sum(tl.zeros([16], tl.int64), axis=0)
-        for p in tl.static_range(4):
-            digit = ((u >> (24 - 8 * p)) & 255).to(tl.int32)
-            if p == 0:
-                mp = m
-            else:
-                mp = m & ((u >> (32 - 8 * p)) == prefix)
-            h = tl.histogram(digit, 256, mask=mp)
-            ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # ge[d] = #(digit >= d), non-increasing in d
-            dstar = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
-            need -= tl.sum(tl.where(d256 > dstar, h, 0), axis=0)
-            prefix = prefix * 256 + dstar
-        return prefix, need
-
     @triton.jit
     def _kth_key(X, k):
         """The k-th largest of the packed int64 keys X (1-D; SENT = empty), or SENT if fewer than k are valid.
 
-        Exact radix select (``_radix_kth``: four 8-bit histogram passes) on the score half, then, only when equal
-        scores straddle the k-th place, four more on the position half among them (larger = lower position)."""
-        valid = X != _SENT
-        nvalid = tl.sum(valid.to(tl.int32), axis=0)
-        kth = tl.sum(tl.zeros([16], tl.int64), axis=0) + _SENT
-        if nvalid >= k:
-            u = (X >> 32) + 2147483648  # order-preserving, in [1, 2**32) for valid keys
-            v, need = _radix_kth(u, valid, k)
-            eq = valid & (u == v)
+        Two 32-step bisections: the score half (largest v with #(X >> 32 >= v) >= k), then, when equal scores
+        straddle the k-th place, the position half among them (larger = lower position)."""
+        hi32 = X >> 32
+        blo = tl.sum(tl.zeros([16], tl.int64), axis=0) - 2147483648
+        bhi = blo + 4294967295
+        for _ in range(32):
+            mid = (blo + bhi + 1) >> 1
+            ok = tl.sum((hi32 >= mid).to(tl.int32), axis=0) >= k
+            blo = tl.where(ok, mid, blo)
+            bhi = tl.where(ok, bhi, mid - 1)
+        kth = blo * 0 + _SENT
+        if blo > -2147483648:
+            eq = hi32 == blo
+            need = k - tl.sum((hi32 > blo).to(tl.int32), axis=0)
             low = X & 4294967295
+            ulo = tl.min(tl.where(eq, low, 4294967296), axis=0)
             if tl.sum(eq.to(tl.int32), axis=0) > need:
-                ulo, need2 = _radix_kth(low, eq, need)
-            else:
-                ulo = tl.min(tl.where(eq, low, 4294967296), axis=0)
-            kth = (v - 2147483648) * 4294967296 + ulo
+                uhi = ulo * 0 + 4294967295
+                for _ in range(32):
+                    mid = (ulo + uhi + 1) >> 1
+                    ok = tl.sum((eq & (low >= mid)).to(tl.int32), axis=0) >= need
+                    ulo = tl.where(ok, mid, ulo)
+                    uhi = tl.where(ok, uhi, mid - 1)
+            kth = blo * 4294967296 + ulo
         return kth
 
     @triton.jit

@@ -310,30 +310,6 @@ def test_sparse_attention_fp16_and_out_of_range_indices():
                                ref.sparse_attention(q, k, v, fixed, scaling=0.2), atol=2e-3, rtol=2e-3)
 
 
-@cpu
-def test_sparse_attention_split_key_lists_decode(monkeypatch):
-    """Decode-sized grids split each key list over several programs and combine the partial results by their
-    log-sum-exp: equal to the unsplit kernel and the reference, incl. a split whose slots are all empty and a
-    query with no key at all; gradients too."""
-    monkeypatch.setitem(tri.CONFIG, "attn_bk", 16)
-    meta = tri._attn_splits(2 * 1 * 2, 70, 16, torch.device("cpu"))
-    assert meta == (3, 32)  # 4 programs < 2 x 4 "SMs": 70 slots in 3 splits of two 16-slot blocks
-    q, k, v, idx = _attn_inputs(2, 1, 90, 8, 2, 32, 32, 70, seed=12)
-    idx[0, 0, 32:64] = -1  # the second split of this query has no key
-    idx[1, 0] = -1  # no key at all
-    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-    o, lse = tri.sparse_attention(qs, ks, vs, idx, scaling=0.2, return_lse=True)
-    o_r, lse_r = ref.sparse_attention(q, k, v, idx, scaling=0.2, return_lse=True)
-    torch.testing.assert_close(o, o_r, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, lse_r.float(), atol=2e-5, rtol=2e-5)
-    assert bool((o[1] == 0).all()) and bool(torch.isneginf(lse[1]).all())
-    monkeypatch.setitem(tri.CONFIG, "attn_split", False)
-    o1, lse1 = tri.sparse_attention(q, k, v, idx, scaling=0.2, return_lse=True)
-    torch.testing.assert_close(o, o1, atol=1e-6, rtol=1e-6)
-    g = torch.autograd.grad(o, (qs, ks, vs), torch.ones_like(o))
-    assert all(not torch.isnan(x).any() for x in g)
-
-
 # ------------------------------------------------------------------------------------------------
 # CPU: indexer KL loss
 # ------------------------------------------------------------------------------------------------

@@ -383,7 +383,7 @@ def sweep(rec, tri, S, budget, apply=True, decode=(32, 131072)):
         return torch.autograd.grad(o, (qg, kg, vg), do)
 
     groups = [
-        ("score", T, score_only, [{}, {"score_stages": 2}, {"score_bk": 64}, {"score_bq": 32, "score_warps": 8}]),
+        ("score", T, score_only, [{}, {"score_stages": 2}, {"score_stages": 4}, {"score_bk": 128}]),
         ("select", T, full, [{}, {"cand_select_warps": 16}, {"select_sample": 512}]),
         ("attn", tri.CONFIG, lambda: (bench(lambda: tri.sparse_attention(q, k, v, idx, scaling=D ** -0.5), budget,
                                             min_reps=2), 1.0),

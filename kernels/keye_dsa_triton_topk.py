@@ -54,7 +54,7 @@ CONFIG = {
     "score_buffer_bytes": 1 << 31,  # bound of the per-chunk score buffer (int32 keys)
     "score_mode": 2,                # 0: [bq*H, D] x [D, bk] dot; 1: transposed; 2: one dot per head (bq >= 16)
     "score_bq": 16,                 # queries per indexer tile
-    "score_bk": 128,                # keys per indexer step
+    "score_bk": 64,                 # keys per indexer step
     "score_warps": 4,               # (8 for 0/1 with bq * H >= 128, or mode 2 with bq >= 64)
     "score_stages": 3,
     "select_block": 1024,           # row elements per step of the top-k stream (buffered path)
@@ -141,7 +141,8 @@ if HAS_TRITON:
         # keys above thr[r] in position order: cand [R, NSPLIT, CAPS] int64 and their number cnt [R, NSPLIT]
         # (may exceed CAPS: overflow, detected by the caller).
         # MODE 0: one dot [BQ*HP, D] x [D, BK], head sum over a reshape; MODE 1: the transposed dot
-        # [BK, D] x [D, BQ*HP] (heads on the minor axis); MODE 2: one [BQ, D] x [D, BK] dot per head (BQ >= 16).
+        # [BK, D] x [D, BQ*HP] (heads on the minor axis); MODE 2: one [BQ, D] x [D, BK] dot per head (BQ >= 16),
+        # the tile's queries held in registers across the key loop.
         pid_q = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         pid_s = tl.program_id(2)
@@ -177,8 +178,21 @@ if HAS_TRITON:
             nsp = tl.num_programs(2)
             crow = (b * (t1 - t0) + (tq - t0)).to(tl.int64)  # row index in the chunk, [BQ]
             thr = tl.load(thr_ptr + crow, mask=rmask, other=_SENT)
+            thr_hi = (thr >> 32).to(tl.int32)  # key64 > thr compared as (score key, low word) in 32-bit halves
+            thr_lo = thr & 4294967295
             cand_rows = cand_ptr + (crow * nsp + pid_s) * CAPS
             cnt = tl.zeros([BQ], tl.int32)
+        if MODE == 2:  # the tile's per-head queries and weights, loaded once (tuples indexed by the unrolled head)
+            qs = ()
+            ws = ()
+            for h in tl.static_range(H):
+                qh = tl.load(q_ptr + b * sqb + tq.to(tl.int64)[:, None] * sqt + h * sqh + d[None, :],
+                             mask=rmask[:, None], other=0.0)
+                if UPCAST:
+                    qh = qh.to(tl.float32)
+                qs = qs + (qh,)
+                wh = tl.load(w_ptr + b * swb + tq.to(tl.int64) * swt + h * swh, mask=rmask, other=0.0)
+                ws = ws + (wh.to(tl.float32) * scale,)
         for kb in range(kb_lo, kb_hi):
             s = kb * BK + tl.arange(0, BK)
             smask = s < kend
@@ -196,13 +210,8 @@ if HAS_TRITON:
             else:
                 sc = tl.zeros([BQ, BK], tl.float32)
                 for h in tl.static_range(H):
-                    qh = tl.load(q_ptr + b * sqb + tq.to(tl.int64)[:, None] * sqt + h * sqh + d[None, :],
-                                 mask=rmask[:, None], other=0.0)
-                    wh = tl.load(w_ptr + b * swb + tq.to(tl.int64) * swt + h * swh, mask=rmask, other=0.0)
-                    if UPCAST:
-                        qh = qh.to(tl.float32)
-                    qk = tl.dot(qh, tl.trans(kv), input_precision=PRECISION)
-                    sc += tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * (wh.to(tl.float32) * scale)[:, None]
+                    qk = tl.dot(qs[h], tl.trans(kv), input_precision=PRECISION)
+                    sc += tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * ws[h][:, None]
             allowed = (s[None, :] <= qpos[:, None]) & smask[None, :]
             if HAS_KM:
                 kmv = tl.load(km_ptr + b * S + s, mask=smask, other=0)
@@ -216,8 +225,10 @@ if HAS_TRITON:
             key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
             key = tl.where(allowed, key, _I32_MIN)
             if CAND_OUT:
-                key64 = key.to(tl.int64) * 4294967296 + (4294967295 - s.to(tl.int64))[None, :]
-                surv = allowed & (key64 > thr[:, None]) & rmask[:, None]
+                low = (4294967295 - s.to(tl.int64))[None, :]
+                surv = allowed & rmask[:, None] & ((key > thr_hi[:, None]) |
+                                                   ((key == thr_hi[:, None]) & (low > thr_lo[:, None])))
+                key64 = key.to(tl.int64) * 4294967296 + low
                 cs = tl.cumsum(surv.to(tl.int32), axis=1)
                 slot = cnt[:, None] + cs - 1
                 tl.store(cand_rows[:, None] + slot, key64, mask=surv & (slot < CAPS))
@@ -474,21 +485,30 @@ if HAS_TRITON:
             total += cj
         over += (total > CAPC).to(tl.int32)
         tl.debug_barrier()
-        X = tl.load(scratch_row + c, mask=c < total, other=_SENT)
-        kth = _kth_key(X, TOPK)
         thr = tl.load(thr_ptr + row)
+        out_row = out_ptr + (row // rows_per_b).to(tl.int64) * out_b_stride + (row % rows_per_b).to(tl.int64) * out_row_stride
+        if total <= CAPC // 2:  # rows up to ~64K keys (~1.8 x TOPK candidates): half the work per bisection step
+            c2 = tl.arange(0, CAPC // 2)
+            fail = _cand_finish(tl.load(scratch_row + c2, mask=c2 < total, other=_SENT), over, thr, out_row, TOPK, BLOCK)
+        else:
+            fail = _cand_finish(tl.load(scratch_row + c, mask=c < total, other=_SENT), over, thr, out_row, TOPK, BLOCK)
+        tl.store(fail_ptr + row, fail.to(tl.int8))
+
+    @triton.jit
+    def _cand_finish(X, over, thr, out_row, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+        """Exact TOPK-th key of the candidates X, the selected positions ascending at out_row (-1 pad); returns
+        the fail flag (list overflowed, or the sampled threshold let fewer than TOPK keys pass)."""
+        offs = tl.arange(0, BLOCK)
+        kth = _kth_key(X, TOPK)
         fail = (over > 0) | ((thr != _SENT) & (kth == _SENT))
         sel = (X >= kth) & (X != _SENT) & (fail == 0)
         cs = tl.cumsum(sel.to(tl.int32), axis=0)
-        bi = (row // rows_per_b).to(tl.int64)
-        ri = (row % rows_per_b).to(tl.int64)
-        out_row = out_ptr + bi * out_b_stride + ri * out_row_stride
         tl.store(out_row + cs - 1, 4294967295 - (X & 4294967295), mask=sel & (cs <= TOPK))
         ns = tl.sum(sel.to(tl.int32), axis=0)
         for start in range(0, TOPK, BLOCK):
             idx = start + offs
             tl.store(out_row + idx, tl.full([BLOCK], -1, tl.int64), mask=(idx >= ns) & (idx < TOPK))
-        tl.store(fail_ptr + row, fail.to(tl.int8))
+        return fail
 
 
 def _select_topk(keys, qo, out, topk: int, t0: int) -> None:

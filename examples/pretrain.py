@@ -200,29 +200,6 @@ def configure_stage(model, args: PretrainArguments):
     return get_peft_model(model, config)
 
 
-def drop_segments_from_sparse_kl(model) -> bool:
-    """Workaround (Triton 3.6): the Triton indexer-KL kernels fail to compile when ``segment_ids`` are given
-    ("PassManager::run failed" in TritonGPURemoveLayoutConversions; packed sequences always give them).
-
-    In the sparse stage the KL runs over the top-k lists, which already hold only keys of the query's own
-    segment, so calling it without ``segment_ids`` gives the same value and gradients (tested against the torch
-    reference). Patches the ``indexer_kl_loss`` of the model's Triton DSA module; returns whether it did.
-    """
-    mod = sys.modules.get(type(model).__module__)
-    tri = getattr(mod, "dsa_triton", None)
-    if tri is None or getattr(tri.indexer_kl_loss, "_drops_segments", False):
-        return False
-    original = tri.indexer_kl_loss
-
-    def indexer_kl_loss(*args, indices=None, segment_ids=None, **kwargs):
-        return original(*args, indices=indices, segment_ids=None if indices is not None else segment_ids, **kwargs)
-
-    indexer_kl_loss._drops_segments = True
-    indexer_kl_loss.__doc__ = original.__doc__
-    tri.indexer_kl_loss = indexer_kl_loss
-    return True
-
-
 def load_lora(base, adapter_dir: str):
     """Reload a saved adapter onto a base model (a model or a checkpoint folder) -> PeftModel in eval mode."""
     from peft import PeftModel
@@ -336,8 +313,6 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
     model = configure_stage(build_model(args, accelerator.device), args)
     base = model.get_base_model() if args.lora else model
     config = base.config
-    if stage["indexer_loss"] == "sparse":
-        drop_segments_from_sparse_kl(base)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]

@@ -54,7 +54,8 @@ CONFIG = {
     "score_buffer_bytes": 1 << 31,  # bound of the per-chunk score buffer (int32 keys)
     "score_mode": 2,                # 0: [bq*H, D] x [D, bk] dot; 1: transposed; 2: one dot per head (bq >= 16)
     "score_bq": 16,                 # queries per indexer tile
-    "score_bk": 64,                 # keys per indexer step
+    "score_bk": 64,                 # keys per indexer step (mode 2: tiles of >= 16 queries, prefill)
+    "score_bk_few_queries": 128,    # keys per step of the other modes (fewer than 16 queries: decode, fallback)
     "score_warps": 4,               # (8 for 0/1 with bq * H >= 128, or mode 2 with bq >= 64)
     "score_stages": 3,
     "select_block": 1024,           # row elements per step of the top-k stream (buffered path)
@@ -643,7 +644,8 @@ def _score_meta(H, D, T, dtype):
     BQ = max(BQ, 16 if mode == 2 else -(-16 // HP))  # the dots need >= 16 rows
     warps = CONFIG["score_warps"] if (BQ * HP >= 128 if mode < 2 else True) else 4
     precision = "ieee" if (dtype == torch.float32 or _INTERPRET) else "tf32"
-    return dict(H=H, HP=HP, D=D, BQ=BQ, BK=CONFIG["score_bk"], MODE=mode, warps=warps, PRECISION=precision)
+    BK = CONFIG["score_bk"] if mode == 2 else CONFIG["score_bk_few_queries"]
+    return dict(H=H, HP=HP, D=D, BQ=BQ, BK=BK, MODE=mode, warps=warps, PRECISION=precision)
 
 
 def _score_split(B, Tc, L, meta, dev):

@@ -264,7 +264,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(processor, files, tiny_
 
 
 def test_sparse_kl_needs_no_segment_ids_given_topk_lists():
-    """What makes ``pretrain.drop_segments_from_sparse_kl`` exact: the top-k lists respect the segments."""
+    """Sparse-stage KL over top-k lists that respect the segments: the same with or without ``segment_ids``."""
     from keye_vl.modeling_keye import keye_dsa_reference as ref
 
     g = torch.Generator().manual_seed(0)

@@ -22,7 +22,8 @@ Fused path (prefill, the default when a chunk has >= 2 x SMs rows):
    threshold and the keys above it appended to the row's candidate list (position order); no score buffer.
 3. ``_cand_select_kernel``: per row, the exact k-th key among the candidates, then the positions.
    A row whose list overflowed (``cand_cap_mult`` x k) or where fewer than k keys passed the sampled
-   threshold is flagged and recomputed on the buffered path (one host sync per chunk; ``STATS`` counts).
+   threshold is flagged and recomputed on the buffered path, batched per sequence (one host sync per chunk, a few
+   more per sequence that has such rows; ``STATS`` counts).
 Buffered path (decode / few rows, fallback rows, ``fused_candidates=False``):
 1. ``_indexer_score_kernel`` writes every score key into an int32 buffer ``[B, chunk, L]``
    (``score_buffer_bytes`` bounds it).
@@ -179,7 +180,7 @@ if HAS_TRITON:
             nsp = tl.num_programs(2)
             crow = (b * (t1 - t0) + (tq - t0)).to(tl.int64)  # row index in the chunk, [BQ]
             thr = tl.load(thr_ptr + crow, mask=rmask, other=_SENT)
-            thr_hi = (thr >> 32).to(tl.int32)  # key64 > thr compared as (score key, low word) in 32-bit halves
+            thr_hi = (thr >> 32).to(tl.int32)  # key64 > thr as (int32 score key, then the low word on equal scores)
             thr_lo = thr & 4294967295
             cand_rows = cand_ptr + (crow * nsp + pid_s) * CAPS
             cnt = tl.zeros([BQ], tl.int32)
@@ -564,7 +565,7 @@ def dsa_topk_indices(q, w, k, topk, *, q_offset=None, key_mask=None, segment_ids
 
     Host syncs: none for an int/None ``q_offset`` on the buffered path (decode: fewer than 2 x SMs queries, CUDA
     graph capture works); a tensor ``q_offset`` costs one, and the fused path (prefill) one per chunk (to
-    recompute the rare rows whose sampled threshold misled, exactly).
+    recompute the rare rows whose sampled threshold misled, exactly), plus a few per sequence that has such rows.
 
     Returns:
         int64 ``[B, T, topk]``: positions sorted ascending, ``-1`` padding at the end when fewer than ``topk``
@@ -727,7 +728,7 @@ def _topk_fused_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta, CA
         num_warps=4 if _INTERPRET else CONFIG["cand_select_warps"], num_stages=1)
     del cand, scratch
     bad = fail.nonzero().flatten()
-    nbad = int(bad.numel())  # one host sync per chunk
+    nbad = int(bad.numel())  # one host sync per chunk (a few more per sequence with fallback rows)
     STATS["fused_rows"] += R
     STATS["fallback_rows"] += nbad
     if nbad:
@@ -743,7 +744,7 @@ def _topk_rows_exact(q, w, k, km, seg, qo, out, topk, rb, rt, meta):
         ts = rt[rb == b]
         pos = qo[b] + ts  # [n] positions of the queries
         L = min(S, int(pos.max()) + 1)
-        per_row = L * (4 + (1 if km is not None else 0) + (8 if seg is not None else 0))
+        per_row = 4 * L + S * ((1 if km is not None else 0) + (8 if seg is not None else 0))  # keys + mask copies
         step = max(1, CONFIG["score_buffer_bytes"] // per_row)
         for i in range(0, ts.numel(), step):
             tt, pp = ts[i:i + step], pos[i:i + step]

@@ -503,8 +503,8 @@ def comp(fn, types, consts, warps, stages):
 t = {"q_ptr": "*bf16", "w_ptr": "*fp32", "k_ptr": "*bf16", "km_ptr": "*i8", "seg_ptr": "*i64", "qoff_ptr": "*i64",
      "out_ptr": "*i32", "thr_ptr": "*i64", "cand_ptr": "*i64", "cnt_ptr": "*i32", "scale": "fp32", "smp_ptr": "*i64"}
 for mode, cand in itertools.product([0, 2], [False, True]):
-    comp(TK._indexer_score_kernel, t, dict(H=16, HP=16, D=64, BQ=16 if mode == 2 else 1, BK=128, HAS_KM=True,
-         HAS_SEG=True, UPCAST=False, PRECISION="tf32", MODE=mode, CAND_OUT=cand, CAPS=8192), 4, 3)
+    comp(TK._indexer_score_kernel, t, dict(H=16, HP=16, D=64, BQ=16 if mode == 2 else 1, BK=64 if mode == 2 else 128,
+         HAS_KM=True, HAS_SEG=True, UPCAST=False, PRECISION="tf32", MODE=mode, CAND_OUT=cand, CAPS=8192), 4, 3)
 comp(TK._sample_thr_kernel, t, dict(H=16, HP=16, D=64, SAMPLE=1024, SB=128, TOPK=2048, HAS_KM=True, HAS_SEG=True,
      UPCAST=False, PRECISION="tf32"), 4, 2)
 for inkeys, final in [(False, True), (False, False), (True, True)]:
@@ -518,7 +518,7 @@ ta = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i64", "
       "dv_ptr": "*fp32", "scale": "fp32"}
 meta = dict(G=8, GP=16, D=128, DP=128, DV=128, DVP=128, UPCAST=False, PRECISION="tf32")
 comp(K._sparse_attn_fwd_kernel, ta, dict(meta, BK=128), 4, 2)
-comp(K._sparse_attn_bwd_kernel, ta, dict(meta, BK=64), 4, 1)
+comp(K._sparse_attn_bwd_kernel, ta, dict(meta, BK=32), 4, 1)
 t1 = {"aq_ptr": "*bf16", "ak_ptr": "*bf16", "idx_ptr": "*i64", "km_ptr": "*i8", "seg_ptr": "*i64", "qoff_ptr": "*i64",
       "lse_ptr": "*fp32", "scale_log2": "fp32", "q_ptr": "*bf16", "w_ptr": "*fp32", "k_ptr": "*bf16", "kl_ptr": "*fp32",
       "cnt_ptr": "*i32", "dq_ptr": "*fp32", "dw_ptr": "*fp32", "dk_ptr": "*fp32", "ci": "fp32", "inv_hq": "fp32"}

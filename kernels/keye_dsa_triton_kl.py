@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from .keye_dsa_reference import _q_offsets
-from .keye_dsa_triton_topk import HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, tl, triton  # noqa: F401
+from .keye_dsa_triton_topk import (HAS_TRITON, _INTERPRET, _check_triton, _mask_tensors, _next_pow2,  # noqa: F401
+                                   tl, triton)
 
 
 if HAS_TRITON:
@@ -315,16 +316,7 @@ def indexer_kl_loss(attn_q, attn_k, scaling, q, w, k, *, indices=None, q_offset=
         return (q.sum() + w.sum() + k.sum()).float() * 0.0
     dev = q.device
     qo = _q_offsets(q_offset, B, T, S, dev)
-    km = None
-    if key_mask is not None:
-        if tuple(key_mask.shape) != (B, S):
-            raise ValueError(f"key_mask must be [B, S] = {(B, S)}, got {tuple(key_mask.shape)}")
-        km = key_mask.to(device=dev, dtype=torch.int8).contiguous()
-    seg = None
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != (B, S):
-            raise ValueError(f"segment_ids must be [B, S] = {(B, S)}, got {tuple(segment_ids.shape)}")
-        seg = segment_ids.to(device=dev, dtype=torch.int64).contiguous()
+    km, seg = _mask_tensors(key_mask, segment_ids, B, S, dev)
     attn_q, attn_k = attn_q.detach().contiguous(), attn_k.detach().contiguous()
     q, w, k = q.contiguous(), w.contiguous(), k.contiguous()
     if indices is not None:

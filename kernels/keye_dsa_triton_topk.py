@@ -120,6 +120,21 @@ def _q_offsets(q_offset, B: int, T: int, S: int, device):
     return qo.contiguous(), hi
 
 
+
+def _mask_tensors(key_mask, segment_ids, B: int, S: int, device):
+    """key_mask / segment_ids ([B, S] or None) -> the kernels' int8 mask and int64 segment ids (contiguous, on
+    ``device``; None stays None). Raises ValueError on another shape."""
+    km = seg = None
+    if key_mask is not None:
+        if tuple(key_mask.shape) != (B, S):
+            raise ValueError(f"key_mask must be [B, S] = {(B, S)}, got {tuple(key_mask.shape)}")
+        km = key_mask.to(device=device, dtype=torch.int8).contiguous()
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (B, S):
+            raise ValueError(f"segment_ids must be [B, S] = {(B, S)}, got {tuple(segment_ids.shape)}")
+        seg = segment_ids.to(device=device, dtype=torch.int64).contiguous()
+    return km, seg
+
 if HAS_TRITON:
     _I32_MIN = tl.constexpr(-(2**31))
     _SENT = tl.constexpr(-(2**63) + 1)  # below every packed key (the smallest is (-2**31 + 1) << 32)
@@ -488,12 +503,15 @@ if HAS_TRITON:
         over += (total > CAPC).to(tl.int32)
         tl.debug_barrier()
         thr = tl.load(thr_ptr + row)
-        out_row = out_ptr + (row // rows_per_b).to(tl.int64) * out_b_stride + (row % rows_per_b).to(tl.int64) * out_row_stride
+        out_row = (out_ptr + (row // rows_per_b).to(tl.int64) * out_b_stride
+                   + (row % rows_per_b).to(tl.int64) * out_row_stride)
         if total <= CAPC // 2:  # rows up to ~64K keys (~1.8 x TOPK candidates): half the work per bisection step
             c2 = tl.arange(0, CAPC // 2)
-            fail = _cand_finish(tl.load(scratch_row + c2, mask=c2 < total, other=_SENT), over, thr, out_row, TOPK, BLOCK)
+            Xh = tl.load(scratch_row + c2, mask=c2 < total, other=_SENT)
+            fail = _cand_finish(Xh, over, thr, out_row, TOPK, BLOCK)
         else:
-            fail = _cand_finish(tl.load(scratch_row + c, mask=c < total, other=_SENT), over, thr, out_row, TOPK, BLOCK)
+            X = tl.load(scratch_row + c, mask=c < total, other=_SENT)
+            fail = _cand_finish(X, over, thr, out_row, TOPK, BLOCK)
         tl.store(fail_ptr + row, fail.to(tl.int8))
 
     @triton.jit
@@ -600,16 +618,7 @@ def dsa_topk_indices(q, w, k, topk, *, q_offset=None, key_mask=None, segment_ids
     q = q.contiguous()
     k = k.contiguous()
     w = w.contiguous()
-    km = None
-    if key_mask is not None:
-        if tuple(key_mask.shape) != (B, S):
-            raise ValueError(f"key_mask must be [B, S] = {(B, S)}, got {tuple(key_mask.shape)}")
-        km = key_mask.to(device=dev, dtype=torch.int8).contiguous()
-    seg = None
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != (B, S):
-            raise ValueError(f"segment_ids must be [B, S] = {(B, S)}, got {tuple(segment_ids.shape)}")
-        seg = segment_ids.to(device=dev, dtype=torch.int64).contiguous()
+    km, seg = _mask_tensors(key_mask, segment_ids, B, S, dev)
 
     meta = _score_meta(H, D, T, q.dtype)
     nsm = _num_sms(dev)

@@ -14,11 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from dsa_attention import DI, HI, HKV, HQ, TOPK, D, _import_kernels, _topk_stats  # noqa: E402
-
-
-def rnd(*shape, scale=1.0):
-    return (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16)
+from dsa_attention import DI, HI, HKV, HQ, TOPK, D, _import_kernels, _topk_stats, rnd  # noqa: E402
 
 
 def profile(fn, reps=3):

@@ -23,11 +23,13 @@ import torch
 # Triton is optional (the package imports, and the reference works, without it): the guarded import, the
 # interpreter flag and the small launch helpers live in keye_dsa_triton_topk and are shared by all kernel files.
 from .keye_dsa_triton_topk import HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, tl, triton  # noqa: F401
+from .keye_dsa_reference import hadamard_transform  # noqa: E402  (torch; runs on any device)
 from .keye_dsa_triton_kl import indexer_kl_loss  # noqa: E402
 from .keye_dsa_triton_topk import CONFIG as TOPK_CONFIG  # noqa: E402
 from .keye_dsa_triton_topk import dsa_topk_indices  # noqa: E402
 
-__all__ = ["HAS_TRITON", "dsa_topk_indices", "sparse_attention", "indexer_kl_loss", "CONFIG", "TOPK_CONFIG"]
+__all__ = ["HAS_TRITON", "hadamard_transform", "dsa_topk_indices", "sparse_attention", "indexer_kl_loss", "CONFIG",
+           "TOPK_CONFIG"]
 
 # Tunables of the sparse-attention kernels (the benchmark may override them); top-k: TOPK_CONFIG.
 CONFIG = {
@@ -244,7 +246,8 @@ def sparse_attention(q, k, v, indices, *, scaling, return_lse=False):
     Args:
         q: ``[B, T, Hq, D]`` bf16/fp16/fp32; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (k's dtype).
         indices: int64 ``[B, T, K]``, positions in ``[0, S)`` or ``-1`` (empty), no duplicates in a row. Unlike
-            the reference (which raises), entries outside ``[0, S)`` are treated as empty: no host sync.
+            the reference (which raises), entries outside ``[0, S)`` are treated as empty and duplicates are not
+            detected (a repeated key counts twice): checking either would cost a host sync.
         scaling: softmax scale (the model uses head_dim**-0.5).
         return_lse: also return the fp32 log-sum-exp ``[B, T, Hq]`` (natural log; not differentiable).
 

@@ -38,6 +38,8 @@ import os
 
 import torch
 
+from .keye_dsa_reference import _as_int, _check_masks
+
 try:
     import triton
     import triton.language as tl
@@ -122,17 +124,11 @@ def _q_offsets(q_offset, B: int, T: int, S: int, device):
 
 
 def _mask_tensors(key_mask, segment_ids, B: int, S: int, device):
-    """key_mask / segment_ids ([B, S] or None) -> the kernels' int8 mask and int64 segment ids (contiguous, on
-    ``device``; None stays None). Raises ValueError on another shape."""
-    km = seg = None
-    if key_mask is not None:
-        if tuple(key_mask.shape) != (B, S):
-            raise ValueError(f"key_mask must be [B, S] = {(B, S)}, got {tuple(key_mask.shape)}")
-        km = key_mask.to(device=device, dtype=torch.int8).contiguous()
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != (B, S):
-            raise ValueError(f"segment_ids must be [B, S] = {(B, S)}, got {tuple(segment_ids.shape)}")
-        seg = segment_ids.to(device=device, dtype=torch.int64).contiguous()
+    """key_mask (bool [B, S]) / segment_ids (integer [B, S]), or None -> the kernels' int8 mask and int64 segment
+    ids (contiguous, on ``device``). Raises ValueError as the reference does (its ``_check_masks``)."""
+    _check_masks(key_mask, segment_ids, B, S)
+    km = None if key_mask is None else key_mask.to(device=device, dtype=torch.int8).contiguous()
+    seg = None if segment_ids is None else segment_ids.to(device=device, dtype=torch.int64).contiguous()
     return km, seg
 
 if HAS_TRITON:
@@ -605,9 +601,7 @@ def dsa_topk_indices(q, w, k, topk, *, q_offset=None, key_mask=None, segment_ids
         raise ValueError(f"q and k must share a dtype among bf16/fp16/fp32; got {q.dtype}, {k.dtype}")
     if D & (D - 1) or D < 16:
         raise ValueError(f"indexer head dim must be a power of two >= 16 (got {D}); use keye_dsa_reference")
-    topk = int(topk)
-    if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
+    topk = _as_int("topk", topk, 1)
     dev = q.device
     out = torch.empty((B, T, topk), dtype=torch.int64, device=dev)
     if T == 0:

@@ -247,6 +247,28 @@ def test_topk_bad_inputs():
         tri.dsa_topk_indices(q, w[:, :2], k, 3)
     with pytest.raises(ValueError, match="dtype"):
         tri.dsa_topk_indices(q.double(), w, k.double(), 3)
+    # same checks as the reference: a non-bool mask, float segment ids or a non-integer topk would otherwise be
+    # cast silently (0.5 -> masked, 2.5 -> 2)
+    for bad in (dict(key_mask=torch.full((1, 16), 0.5)), dict(segment_ids=torch.zeros(1, 16))):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):
+            tri.dsa_topk_indices(q, w, k, 3, **bad)
+        with pytest.raises(ValueError, match=name):
+            ref.dsa_topk_indices(q, w, k, 3, **bad)
+        aq, ak = torch.randn(1, 4, 2, 8), torch.randn(1, 16, 1, 8)
+        with pytest.raises(ValueError, match=name):
+            tri.indexer_kl_loss(aq, ak, 0.3, q, w, k, **bad)
+    for topk in (0, 2.5, True):
+        with pytest.raises(ValueError, match="topk must be an int"):
+            tri.dsa_topk_indices(q, w, k, topk)
+
+
+@cpu
+def test_hadamard_transform_in_both_implementations():
+    """The contract (kernels/README.md) lists hadamard_transform for both modules; the Triton module's is the
+    reference's torch version (it runs on any device)."""
+    x = torch.randn(3, 64, generator=_gen(2))
+    torch.testing.assert_close(tri.hadamard_transform(x), ref.hadamard_transform(x), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,15 @@ SUPPORTED_ATTN_IMPLEMENTATIONS = DENSE_ATTN_IMPLEMENTATIONS + DSA_ATTN_IMPLEMENT
 DEFAULT_SA_CONFIG = {"indexer_num_heads": 16, "indexer_head_dim": 64, "topk": 2048}
 
 
+
+def check_prefill_chunk_size(value):
+    """``prefill_chunk_size`` must be None (no chunking) or a positive int; returns it, raises ValueError otherwise.
+
+    Checked when the config is built and again when a forward reads it (users set it on a loaded model)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"prefill_chunk_size must be a positive int or None, got {value!r}")
+    return value
+
 class KeyeVL2VisionConfig(PreTrainedConfig):
     r"""SigLIP-400M NaViT vision tower of Keye-VL-2.0 (spec section 5).
 
@@ -256,8 +265,7 @@ class KeyeVL2Config(PreTrainedConfig):
             raise ValueError(
                 f"moe_implementation={self.moe_implementation!r}: expected 'auto', 'eager' or 'grouped_mm'"
             )
-        if self.prefill_chunk_size is not None and int(self.prefill_chunk_size) < 1:
-            raise ValueError(f"prefill_chunk_size must be a positive int or None, got {self.prefill_chunk_size}")
+        check_prefill_chunk_size(self.prefill_chunk_size)
         if self.sa_config is not None:
             d_i = int(self.sa_config["indexer_head_dim"])
             if d_i < 1 or d_i & (d_i - 1):

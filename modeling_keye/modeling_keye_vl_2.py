@@ -43,6 +43,7 @@ from .configuration_keye_vl_2 import (
     SUPPORTED_ATTN_IMPLEMENTATIONS,
     KeyeVL2Config,
     KeyeVL2VisionConfig,
+    check_prefill_chunk_size,
 )
 from . import keye_dsa_reference as dsa_reference  # noqa: E402  (plain-torch DSA, always available)
 from .keye_dsa_reference import hadamard_transform
@@ -1674,10 +1675,10 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else (self.config.output_router_logits or self.training)
         )
-        chunk = self.config.prefill_chunk_size
+        chunk = check_prefill_chunk_size(self.config.prefill_chunk_size)
         chunks = [(0, T)]
         if chunk and T > chunk and past_key_values is not None and segment_ids is None and not indexer_loss:
-            chunks = [(s, min(s + int(chunk), T)) for s in range(0, T, int(chunk))]
+            chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
         if len(chunks) > 1 and isinstance(past_key_values, KeyeVL2Cache):
             past_key_values.reserve(past_len + T)  # one allocation for the whole chunked prefill
         hs, all_h, all_a, routers, kls = [], [], [], [], []
@@ -1800,8 +1801,9 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
         max_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
         if isinstance(max_len, int) and max_len > self.config.max_position_embeddings:
             raise ValueError(
-                f"prompt + max_new_tokens = {max_len} tokens exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens"
+                f"prompt + max_new_tokens - 1 = {max_len} positions (the last new token is never fed back) exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings}; shorten the prompt or lower "
+                "max_new_tokens"
             )
         for key in ("cache", "past_key_values"):
             if type(model_kwargs.get(key)) is DynamicCache and model_kwargs[key].get_seq_length() == 0:

@@ -440,9 +440,22 @@ def test_generate_beyond_max_position_embeddings_fails_before_generating():
     model = KeyeVL2MoeForConditionalGeneration(tiny_config(max_position_embeddings=64)).eval()
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    with pytest.raises(ValueError, match="exceeds max_position_embeddings=64"):
+    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens - 1 = 69 positions .* exceeds "
+                                         "max_position_embeddings=64"):
         model.generate(input_ids=torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10, do_sample=False)
     assert not calls
+
+
+def test_prefill_chunk_size_set_on_a_loaded_model_is_checked():
+    """Set after loading (as the README shows), a bad value names itself instead of failing deep in the forward."""
+    model = make_model()
+    ids = torch.zeros(1, 12, dtype=torch.long)
+    for bad in (-3, 0, "8", 2.5, True):
+        model.config.prefill_chunk_size = bad
+        with pytest.raises(ValueError, match="prefill_chunk_size must be a positive int or None"):
+            model(input_ids=ids)
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        tiny_config(prefill_chunk_size=2.5)
 
 
 def test_malformed_patches_and_grids_name_the_problem():

@@ -216,12 +216,14 @@ def smart_nframes(
         The number of frames, ``1 <= nframes <= total_frames``.
 
     Raises:
-        ValueError: ``total_frames < 1`` or ``video_fps <= 0``.
+        ValueError: ``total_frames < 1``, ``video_fps <= 0`` or ``fps <= 0``.
     """
     if total_frames < 1:
         raise ValueError(f"a video needs at least one frame, got total_frames={total_frames}")
     if not video_fps or video_fps <= 0:
         raise ValueError(f"video fps must be positive, got {video_fps}")
+    if fps is not None and not float(fps) > 0:
+        raise ValueError(f"the sampling fps must be positive (frames per second to take), got {fps}")
     sample_fps = min(VIDEO_FPS if fps is None else float(fps), float(video_fps))
     max_frames_by_pixels = max(1, math.floor(total_pixels / VIDEO_MIN_PIXELS))
     cap = min(max_frames_by_pixels if max_frames is None else int(max_frames), max_frames_by_pixels, total_frames)

@@ -371,6 +371,17 @@ def test_missing_path_error(tmp_path):
     assert time.monotonic() - start < 5
 
 
+def test_nonpositive_sampling_fps_error():
+    """fps <= 0 (or NaN) in a message used to fall back silently to the 2-frame minimum."""
+    video = str(MEDIA / "cockatoo.mp4")
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sampling fps must be positive"):
+            vp.smart_nframes(280, 20.0, fps=bad)
+        with pytest.raises(ValueError, match="sampling fps must be positive"):
+            vp.process_vision_info([{"role": "user", "content": [{"type": "video", "video": video, "fps": bad}]}])
+    assert vp.smart_nframes(280, 20.0, fps=2.0) == 28
+
+
 def test_zero_length_frame_list_error():
     with pytest.raises(ValueError, match="empty"):
         vp.read_frame_list([])

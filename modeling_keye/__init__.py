@@ -12,9 +12,12 @@ from .configuration_keye_vl_2 import (
     DSA_ATTN_IMPLEMENTATIONS,
     SUPPORTED_ATTN_IMPLEMENTATIONS,
     KeyeVL2Config,
+    KEYE_VL2_GENERATION_DEFAULTS,
     KeyeVL2VisionConfig,
+    keye_generation_config,
 )
 from .modeling_keye_vl_2 import (
+    KeyeVL2BaseModelView,
     KeyeVL2Cache,
     KeyeVL2MoeForConditionalGeneration,
     KeyeVL2MoeModel,
@@ -62,14 +65,17 @@ def tiny_config(**overrides) -> KeyeVL2Config:
 __all__ = [
     "DSA_ATTN_IMPLEMENTATIONS",
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "KeyeVL2BaseModelView",
     "KeyeVL2Cache",
     "KeyeVL2Config",
     "KeyeVL2MoeForConditionalGeneration",
     "KeyeVL2MoeModel",
     "KeyeVL2PreTrainedModel",
     "KeyeVL2VisionConfig",
+    "KEYE_VL2_GENERATION_DEFAULTS",
     "freeze_for_indexer_warmup",
     "get_rope_index",
     "load_balancing_loss",
+    "keye_generation_config",
     "tiny_config",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 
 # Names accepted by ``attn_implementation`` (spec section 3). "dsa" = Triton kernels when available on the
 # device, the torch reference otherwise; the explicit variants force one of them.
@@ -22,6 +22,28 @@ SUPPORTED_ATTN_IMPLEMENTATIONS = DENSE_ATTN_IMPLEMENTATIONS + DSA_ATTN_IMPLEMENT
 
 DEFAULT_SA_CONFIG = {"indexer_num_heads": 16, "indexer_head_dim": 64, "topk": 2048}
 
+
+
+# Generation defaults of the model family (the Qwen3 decoder's `generation_config.json`, e.g. the Hub repo
+# Qwen/Qwen3-30B-A3B, whose model card recommends temperature 0.6, top_p 0.95, top_k 20 in thinking mode): sample,
+# stop at <|im_end|> (151645) or <|endoftext|> (151643), pad with <|endoftext|>.
+KEYE_VL2_GENERATION_DEFAULTS = {
+    "bos_token_id": 151643,
+    "eos_token_id": [151645, 151643],
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "temperature": 0.6,
+    "top_p": 0.95,
+    "top_k": 20,
+}
+
+
+def keye_generation_config(**overrides) -> GenerationConfig:
+    """The ``GenerationConfig`` a new :class:`KeyeVL2MoeForConditionalGeneration` carries and ``save_pretrained``
+    writes as ``generation_config.json``: :data:`KEYE_VL2_GENERATION_DEFAULTS` updated with ``overrides`` (any
+    ``GenerationConfig`` field). ``generate(do_sample=False)`` (or any other argument) overrides it per call;
+    ``model.generation_config = keye_generation_config(temperature=0.7)`` changes what is saved."""
+    return GenerationConfig(**{**KEYE_VL2_GENERATION_DEFAULTS, **overrides})
 
 
 def check_prefill_chunk_size(value):
@@ -288,4 +310,11 @@ class KeyeVL2Config(PreTrainedConfig):
         return output
 
 
-__all__ = ["KeyeVL2Config", "KeyeVL2VisionConfig", "SUPPORTED_ATTN_IMPLEMENTATIONS", "DSA_ATTN_IMPLEMENTATIONS"]
+__all__ = [
+    "DSA_ATTN_IMPLEMENTATIONS",
+    "KEYE_VL2_GENERATION_DEFAULTS",
+    "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "KeyeVL2Config",
+    "KeyeVL2VisionConfig",
+    "keye_generation_config",
+]

@@ -44,6 +44,7 @@ from .configuration_keye_vl_2 import (
     KeyeVL2Config,
     KeyeVL2VisionConfig,
     check_prefill_chunk_size,
+    keye_generation_config,
 )
 from . import keye_dsa_reference as dsa_reference  # noqa: E402  (plain-torch DSA, always available)
 from .keye_dsa_reference import hadamard_transform
@@ -1700,6 +1701,57 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
         ), past_key_values if use_cache else None)
 
 
+class KeyeVL2BaseModelView:
+    """``base_model`` of :class:`KeyeVL2MoeForConditionalGeneration`: the same model run without its LM head.
+
+    transformers models expose their backbone as ``model.base_model`` (the ``base_model_prefix`` attribute), and
+    libraries call it directly: TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``) runs
+    ``model.base_model(**inputs).last_hidden_state`` and projects only the labelled positions. The official
+    checkpoint keeps the backbone's modules at the top level (``model.*``, ``visual.*``, ``mlp_AR.*`` beside
+    ``lm_head``), so there is no backbone attribute to point at without renaming every key. This view holds no
+    parameters (the state dict is unchanged); calling it goes through the model's own ``__call__`` (so module
+    hooks such as accelerate's or FSDP's run) and returns :class:`KeyeVL2ModelOutput` with
+    ``last_hidden_state`` [B, L, hidden] in the decoder's dtype. Arguments: those of :meth:`KeyeVL2MoeModel.forward`.
+    """
+
+    def __init__(self, model: "KeyeVL2MoeForConditionalGeneration"):
+        self._model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> KeyeVL2ModelOutput:
+        return self._model(*args, return_base_model_output=True, **kwargs)
+
+    forward = __call__
+
+    @property
+    def config(self) -> KeyeVL2Config:
+        return self._model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self._model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._model.dtype
+
+    @property
+    def _tp_plan(self):
+        return self._model._tp_plan
+
+    @property
+    def _pp_plan(self):
+        return self._model._pp_plan
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self._model.get_input_embeddings()
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        return self._model.get_image_features(pixel_values, image_grid_thw)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        return self._model.get_video_features(pixel_values_videos, video_grid_thw)
+
+
 class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
     """Keye-VL-2.0 with the LM head: chat about images and videos, train with LM + MoE aux + DSA indexer losses.
 
@@ -1715,6 +1767,12 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
         super().__init__(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self.generation_config = keye_generation_config()  # the family's sampling defaults (see that function)
+
+    @property
+    def base_model(self) -> KeyeVL2BaseModelView:
+        """The model without its LM head (:class:`KeyeVL2BaseModelView`); its output has ``last_hidden_state``."""
+        return KeyeVL2BaseModelView(self)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -1761,6 +1819,8 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits, cache=cache,
         )
+        if kwargs.get("return_base_model_output"):  # called through `base_model`: no LM head, no loss
+            return out
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
@@ -1882,6 +1942,7 @@ def freeze_for_indexer_warmup(model: nn.Module) -> list[str]:
 
 
 __all__ = [
+    "KeyeVL2BaseModelView",
     "KeyeVL2Cache",
     "KeyeVL2MoeForConditionalGeneration",
     "KeyeVL2MoeModel",

@@ -444,7 +444,21 @@ def to_chw_uint8(image: Any) -> torch.Tensor:
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of a PIL image; transparent pixels are composited on white (as qwen-vl-utils does)."""
+    """RGB copy of a PIL image as it is meant to be seen.
+
+    - the EXIF orientation tag is applied (``PIL.ImageOps.exif_transpose``, as transformers' ``load_image`` does);
+    - 16-bit greyscale (modes ``I;16*``, and ``I`` holding values above 255) is scaled to 8 bits,
+      ``round(v * 255 / 65535)`` (PIL's own ``convert("RGB")`` clips such values to 255: a white image);
+    - transparent pixels are composited on white (as qwen-vl-utils does).
+    """
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (values.size and values.max() > 255):
+            values = values * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
@@ -571,21 +585,34 @@ def _open_container(path: str):
     return container
 
 
-def probe_video(path: str, count_packets: bool | None = None, timeout: float | None = None) -> dict[str, Any]:
-    """Read a video's metadata with PyAV without decoding pixels.
+# The stream's average rate is trusted unless the packet timestamps of a header-less container (mkv, webm, ts, ...)
+# give a rate more than this far from it (relative): then the timestamps' rate is used (see probe_video).
+FPS_MISMATCH_TOLERANCE = 0.02
 
-    ``total_frames`` is the header's frame count when the container stores one (mp4/mov), otherwise the number of
-    non-empty video packets found by demuxing (no decoding, streaming). ``video_fps`` is the stream's average frame
-    rate (``avg_frame_rate``), else ``total_frames / duration``.
+
+def probe_video(path: str, count_packets: bool | None = None, timeout: float | None = None) -> dict[str, Any]:
+    """Read a video's metadata with PyAV without decoding pixels: the one definition of frames, rate and duration.
+
+    - ``total_frames``: the header's frame count when the container stores one (mp4/mov/avi), otherwise the number
+      of non-empty video packets found by demuxing (no decoding, streaming);
+    - ``video_fps``: the stream's average frame rate (``avg_frame_rate``, as decord's ``get_avg_fps``); when packets
+      were counted and their timestamps are distinct, the rate they imply, ``(n - 1) / (last - first)``, replaces it
+      if the two differ by more than 2% (variable-rate files whose header rate is nominal), with
+      ``fps_source = "timestamps"``; when the stream has no rate, ``total_frames / duration``;
+    - ``duration``: ``total_frames / video_fps`` seconds.
+
+    :func:`decode_frames` maps frame index ``i`` to the time ``i / video_fps`` after the first frame, so the plan's
+    frame count, indices and timestamps all follow from these three numbers.
 
     Args:
-        path: local path, ``file://`` URI or URL.
+        path: local path or ``file://`` URI.
         count_packets: force (True) or forbid (False) the packet count; default: only when the header has no count.
         timeout: seconds allowed for the packet count (default ``KEYE_VIDEO_READ_TIMEOUT`` or 600).
 
     Returns:
         dict with ``total_frames`` (int), ``video_fps`` (float), ``height``, ``width`` (int, pixels), ``duration``
-        (float seconds, ``total_frames / video_fps``), ``codec`` (str), ``frames_from_header`` (bool).
+        (float seconds), ``codec`` (str), ``frames_from_header`` (bool), ``fps_source`` (``"stream"``,
+        ``"timestamps"`` or ``"duration"``).
 
     Raises:
         FileNotFoundError: missing path. VideoReadError: empty / unreadable / no video stream / no frames.
@@ -594,6 +621,7 @@ def probe_video(path: str, count_packets: bool | None = None, timeout: float | N
     path = _check_video_path(path)
     deadline = time.monotonic() + (DEFAULT_VIDEO_READ_TIMEOUT if timeout is None else timeout)
     container = _open_container(path)
+    packet_pts: list[int] = []
     try:
         stream = container.streams.video[0]
         height, width = int(stream.codec_context.height or 0), int(stream.codec_context.width or 0)
@@ -601,20 +629,22 @@ def probe_video(path: str, count_packets: bool | None = None, timeout: float | N
         header_frames = int(stream.frames or 0)
         use_count = count_packets if count_packets is not None else header_frames <= 0
         total_frames = header_frames
+        time_base = stream.time_base
         if use_count:
             total_frames = 0
             try:
                 for packet in container.demux(stream):
                     if packet.size:
                         total_frames += 1
+                        packet_pts.append(-1 if packet.pts is None else int(packet.pts))
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"counting the frames of {path!r} took longer than the read timeout")
             except TimeoutError:
                 raise
             except Exception as err:  # a damaged container may stop demuxing part way
                 warnings.warn(f"demuxing {path!r} stopped after {total_frames} packets: {err}", stacklevel=2)
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        video_fps = float(rate) if rate else 0.0
+        video_fps = _stream_fps(stream)
+        fps_source = "stream"
         if video_fps <= 0:
             seconds = None
             if stream.duration and stream.time_base:
@@ -622,6 +652,13 @@ def probe_video(path: str, count_packets: bool | None = None, timeout: float | N
             elif container.duration:
                 seconds = container.duration / 1_000_000
             video_fps = total_frames / seconds if seconds else 0.0
+            fps_source = "duration"
+        if len(packet_pts) >= 3 and time_base and min(packet_pts) >= 0 and len(set(packet_pts)) == len(packet_pts):
+            span = (max(packet_pts) - min(packet_pts)) * float(time_base)
+            if span > 0:
+                ts_fps = (len(packet_pts) - 1) / span
+                if video_fps <= 0 or abs(ts_fps / video_fps - 1.0) > FPS_MISMATCH_TOLERANCE:
+                    video_fps, fps_source = ts_fps, "timestamps"
     finally:
         container.close()
     if total_frames <= 0:
@@ -638,11 +675,16 @@ def probe_video(path: str, count_packets: bool | None = None, timeout: float | N
         "duration": total_frames / video_fps,
         "codec": codec,
         "frames_from_header": not use_count,
+        "fps_source": fps_source,
     }
 
 
 class _SeekUnusable(Exception):
     """Internal: the keyframe-seeking reader cannot guarantee frame identity for this file; decode sequentially."""
+
+
+class _TimesUnusable(Exception):
+    """Internal: frames have missing or non-increasing timestamps; select frames by decoding order instead."""
 
 
 def _scan_packets(container, stream, deadline: float, path: str) -> tuple[list[int], list[int]] | None:
@@ -681,66 +723,121 @@ def _timeout_error(path: str, timeout: float | None, done: int) -> TimeoutError:
     )
 
 
-def _decode_seeking(container, stream, wanted, index, height, width, deadline, path, timeout):
-    """Keyframe-seeking decode: frame ordinal ``i`` is the frame whose pts is the ``i``-th smallest packet pts.
+class _TimeSelector:
+    """Assigns decoded frames to frame indices by presentation time (the definition :func:`decode_frames` documents).
 
-    The decoder is first primed on the start of the stream (in-band parameter sets and encoder SEI, e.g. x264's
-    version, which FFmpeg needs to decode some streams bit-exactly); then, before each requested frame, if a keyframe
-    lies after the decoder's position and at or before the frame, the reader seeks there (skipping the packets in
-    between) and decodes forward, keeping frames by exact pts.
+    Index ``i`` is the time ``t_i = t_0 + i / fps`` (``t_0``: the first frame's timestamp, ``fps``: the average rate
+    the plan used); its frame is the last one whose timestamp is ``<= t_i + 0.5 / fps`` (half a frame of tolerance
+    for timestamps rounded by the container). At the end of the stream, indices whose ``t_i`` still lies within the
+    last frame's display interval (``< t_last + 1 / fps``) get the last frame; later ones are missing.
     """
+
+    def __init__(self, wanted: list[int], fps: float, time_base, height, width) -> None:
+        self.wanted = wanted
+        self.step = 1.0 / (float(fps) * float(time_base))  # timestamp units per frame slot
+        self.height, self.width = height, width
+        self.start: int | None = None
+        self.pos = 0
+        self.prev = None
+        self.prev_pts: int | None = None
+        self.prev_tensor: torch.Tensor | None = None
+        self.kept: dict[int, torch.Tensor] = {}
+        self.decoded = 0
+
+    def target(self, index: int) -> float:
+        return self.start + (index + 0.5) * self.step
+
+    def next_target(self) -> float | None:
+        return None if self.pos >= len(self.wanted) or self.start is None else self.target(self.wanted[self.pos])
+
+    def done(self) -> bool:
+        return self.pos >= len(self.wanted)
+
+    def _take_prev(self) -> None:
+        if self.prev_tensor is None:
+            self.prev_tensor = _frame_to_tensor(self.prev, self.height, self.width)
+        self.kept[self.wanted[self.pos]] = self.prev_tensor
+        self.pos += 1
+
+    def reset_after_seek(self) -> None:
+        self.prev = self.prev_pts = self.prev_tensor = None
+
+    def feed(self, frame, floor_pts: int | None = None) -> None:
+        """Take one decoded frame (presentation order). ``floor_pts``: after a seek, frames before it are skipped."""
+        pts = frame.pts
+        if pts is None:
+            raise _TimesUnusable()
+        pts = int(pts)
+        self.decoded += 1
+        if floor_pts is not None and pts < floor_pts:
+            return
+        if self.start is None:
+            self.start = pts
+        elif self.prev_pts is not None and pts <= self.prev_pts:
+            raise _TimesUnusable()
+        while self.pos < len(self.wanted) and self.target(self.wanted[self.pos]) < pts:
+            if self.prev is None:  # only after a seek that overshot: the caller guarantees it does not happen
+                raise _SeekUnusable()
+            self._take_prev()
+        self.prev, self.prev_pts, self.prev_tensor = frame, pts, None
+
+    def finish(self) -> None:
+        """End of stream: the last frame serves the indices inside its display interval."""
+        while self.pos < len(self.wanted) and self.prev is not None:
+            if self.target(self.wanted[self.pos]) - 0.5 * self.step >= self.prev_pts + self.step:
+                break
+            self._take_prev()
+
+
+def _decode_by_time(container, stream, wanted, fps, height, width, deadline, path, timeout, index=None):
+    """Decode in order (``index=None``) or with keyframe seeks (``index`` from :func:`_scan_packets`), selecting
+    frames with :class:`_TimeSelector`. Returns ``(kept, stats)``; raises ``_TimesUnusable`` / ``_SeekUnusable``."""
     import bisect
 
-    pts_sorted, key_pts = index
-    if wanted[-1] >= len(pts_sorted):
-        raise _SeekUnusable()
-    target_of = {pts_sorted[i]: i for i in wanted}
-    targets = sorted(target_of)
-    kept: dict[int, torch.Tensor] = {}
-    state = {"position": None, "t": 0}
-
-    def consume(frames) -> bool:
-        """Keep requested frames; True when at least one more target was passed."""
-        advanced = False
-        for frame in frames:
-            if frame.pts is None:
-                raise _SeekUnusable()
-            position = state["position"] = int(frame.pts)
-            ordinal = target_of.get(position)
-            if ordinal is not None and ordinal not in kept:
-                kept[ordinal] = _frame_to_tensor(frame, height, width)
-            while state["t"] < len(targets) and targets[state["t"]] <= position:
-                state["t"] += 1
-                advanced = True
-        return advanced
-
+    selector = _TimeSelector(wanted, fps, stream.time_base, height, width)
+    errors = 0
+    key_pts = index[1] if index is not None else None
     demux = container.demux(stream)
-    for packet in demux:  # prime: decode from the start until the decoder outputs a frame
+    floor_pts = None
+    while not selector.done():
+        if key_pts is not None and selector.prev_pts is not None:
+            target = selector.next_target()
+            k = bisect.bisect_right(key_pts, target) - 1
+            if k >= 0 and key_pts[k] > selector.prev_pts:  # a keyframe between here and the next target: jump
+                container.seek(key_pts[k], stream=stream, backward=True, any_frame=False)
+                stream.codec_context.flush_buffers()
+                demux = container.demux(stream)
+                selector.reset_after_seek()
+                floor_pts = key_pts[k]
         if time.monotonic() > deadline:
-            raise _timeout_error(path, timeout, len(kept))
-        frames = packet.decode()
-        consume(frames)
-        if frames:
+            raise _timeout_error(path, timeout, selector.decoded)
+        try:
+            packet = next(demux)
+        except StopIteration:
             break
-    while state["t"] < len(targets):
-        target = targets[state["t"]]
-        k = bisect.bisect_right(key_pts, target) - 1
-        if k >= 0 and state["position"] is not None and key_pts[k] > state["position"]:
-            container.seek(key_pts[k], stream=stream, backward=True, any_frame=False)
-            stream.codec_context.flush_buffers()
-            demux = container.demux(stream)
-        for packet in demux:
-            if time.monotonic() > deadline:
-                raise _timeout_error(path, timeout, len(kept))
-            if consume(packet.decode()):
-                break
-        else:  # end of the stream
+        except Exception as err:  # demuxer error in a damaged file: stop here, keep what we have
+            if key_pts is not None:
+                raise _SeekUnusable() from err
+            warnings.warn(f"demuxing {path!r} failed after {selector.decoded} frames: {err}", stacklevel=4)
             break
-    return kept
+        try:
+            frames = packet.decode()
+        except Exception as err:  # corrupt packet: skip it (the decoder resynchronises on the next keyframe)
+            if key_pts is not None:
+                raise _SeekUnusable() from err
+            errors += 1
+            if errors > 1000:
+                raise VideoReadError(f"too many corrupt packets in {path!r}: {err}") from err
+            continue
+        for frame in frames:
+            selector.feed(frame, floor_pts)
+    selector.finish()
+    return selector.kept, {"errors": errors, "bad_pts": 0, "decoded": selector.decoded}
 
 
-def _decode_sequential(container, stream, wanted, height, width, deadline, path, timeout):
-    """Decode every packet in order; frame ordinal = position in the decoder's output. Returns (kept, stats)."""
+def _decode_by_order(container, stream, wanted, height, width, deadline, path, timeout):
+    """Decode every packet in order; index ``i`` = the ``i``-th frame the decoder outputs (files whose timestamps
+    are missing or restart). Returns (kept, stats)."""
     kept: dict[int, torch.Tensor] = {}
     errors = bad_pts = ordinal = pos = 0
     last_pts = None
@@ -753,7 +850,7 @@ def _decode_sequential(container, stream, wanted, height, width, deadline, path,
         except StopIteration:
             break
         except Exception as err:  # demuxer error in a damaged file: stop here, keep what we have
-            warnings.warn(f"demuxing {path!r} failed after {ordinal} frames: {err}", stacklevel=3)
+            warnings.warn(f"demuxing {path!r} failed after {ordinal} frames: {err}", stacklevel=4)
             break
         try:
             frames = packet.decode()
@@ -763,15 +860,20 @@ def _decode_sequential(container, stream, wanted, height, width, deadline, path,
                 raise VideoReadError(f"too many corrupt packets in {path!r}: {err}") from err
             continue
         for frame in frames:
+            if frame.pts is None or (last_pts is not None and frame.pts <= last_pts):
+                bad_pts += 1
             if frame.pts is not None:
-                if last_pts is not None and frame.pts <= last_pts:
-                    bad_pts += 1
                 last_pts = frame.pts
             if pos < len(wanted) and ordinal == wanted[pos]:
                 kept[ordinal] = _frame_to_tensor(frame, height, width)
                 pos += 1
             ordinal += 1
     return kept, {"errors": errors, "bad_pts": bad_pts, "decoded": ordinal}
+
+
+def _stream_fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
 
 
 def decode_frames(
@@ -781,32 +883,39 @@ def decode_frames(
     width: int | None = None,
     timeout: float | None = None,
     seek: bool | None = None,
+    fps: float | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Decode the frames at ``indices`` (ordinals in presentation order) with PyAV, streaming.
+    """Decode the frames at ``indices`` with PyAV, streaming; frame index ``i`` means the time ``i / fps``.
 
-    Two strategies give the same frames:
+    Definition (the one the sampling plan uses, whatever the container's frame count says): index ``i`` is the
+    instant ``t_0 + i / fps`` after the first frame (``t_0``), and its frame is the one on screen then, i.e. the last
+    frame whose timestamp is ``<= t_0 + (i + 0.5) / fps`` (half a frame of tolerance for rounded timestamps). For a
+    constant-rate file this is exactly the ``i``-th frame; for variable rates, dropped / hidden frames (a header
+    count above the frames that decode) or timestamps that start late, it is the frame shown at the index's
+    timestamp, so the timestamps written into the prompt (``i / fps``) stay true. Files whose frame timestamps are
+    missing or restart (damaged files) fall back to decoding order, ``i`` = the ``i``-th decoded frame, with a
+    warning.
 
-    - keyframe seeking (default when the file can be indexed by time: every packet has a distinct pts): frame ``i``
-      is the one with the ``i``-th smallest pts; before each requested frame the reader seeks to the last keyframe
-      at or before it when that keyframe is ahead of the decoder, so only the needed groups of pictures are decoded;
-    - sequential (fallback for damaged files with missing / repeated timestamps, failed seeks, or ``seek=False``):
-      every packet is decoded in order and frame ``i`` is the ``i``-th frame the decoder outputs.
+    Two strategies give the same frames: sequential decoding, and keyframe seeking (long videos; files whose
+    packets all have distinct timestamps): before each requested frame the reader seeks to the last keyframe at or
+    before its time when that keyframe is ahead of the decoder, so only the needed groups of pictures are decoded.
 
-    Only the requested frames are converted to RGB and resized (bilinear, antialias) to ``height x width`` at once,
-    so memory holds one native frame plus the sampled output, never the whole video.
+    Only the requested frames are converted to RGB and resized (bilinear, antialias) to ``height x width``, so memory
+    holds the decoder's few frames plus the sampled output, never the whole video.
 
     Args:
-        path: video path / ``file://`` URI / URL.
-        indices: frame ordinals to keep (any order, duplicates allowed).
+        path: video path / ``file://`` URI.
+        indices: frame indices to keep (any order, duplicates allowed).
         height, width: output size; ``None`` keeps the native size.
         timeout: wall-clock limit in seconds (checked between packets; default 600 or ``KEYE_VIDEO_READ_TIMEOUT``).
         seek: ``None`` (auto: seek when the last requested frame is >= ``SEEK_MIN_FRAMES`` = 1500 into the video,
             or as ``KEYE_VIDEO_SEEK`` says), ``True`` (seek when the file allows it), ``False`` (always sequential).
+        fps: the frame rate that maps indices to times (default: the stream's average rate, as :func:`probe_video`).
 
     Returns:
         ``(frames, found)``: uint8 tensor ``[len(found), 3, H, W]`` and the indices actually decoded, in the order
-        of ``indices``. Fewer frames than requested come back (with a warning) when the file ends early or packets
-        are corrupt.
+        of ``indices``. Fewer frames than requested come back (with a warning) when the file ends before an index's
+        time or packets are corrupt.
 
     Raises:
         FileNotFoundError, VideoReadError (no frame decodes), TimeoutError.
@@ -815,25 +924,45 @@ def decode_frames(
     wanted = sorted(set(int(i) for i in indices))
     if not wanted:
         raise ValueError("no frame indices requested")
+    if wanted[0] < 0:
+        raise ValueError(f"frame indices must be >= 0, got {wanted[0]}")
     deadline = time.monotonic() + (DEFAULT_VIDEO_READ_TIMEOUT if timeout is None else timeout)
     kept = None
     stats = {"errors": 0, "bad_pts": 0, "decoded": 0}
     if seek is None:
         seek = _SEEK_DEFAULT if _SEEK_DEFAULT is not None else (wanted[-1] >= SEEK_MIN_FRAMES)
+    by_time = True
     if seek:
         container = _open_container(path)
         try:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            rate = float(fps) if fps else _stream_fps(stream)
             index = _scan_packets(container, stream, deadline, path)
-            if index is not None:
+            if index is not None and rate > 0:
                 container.seek(index[1][0], stream=stream, backward=True, any_frame=False)
                 stream.codec_context.flush_buffers()
-                kept = _decode_seeking(container, stream, wanted, index, height, width, deadline, path, timeout)
+                kept, stats = _decode_by_time(container, stream, wanted, rate, height, width, deadline, path, timeout, index)
         except TimeoutError:
             raise
+        except _TimesUnusable:
+            kept, by_time = None, False
         except Exception:  # _SeekUnusable, failed seek (damaged index), decoder errors: decode sequentially
             kept = None
+        finally:
+            container.close()
+    if kept is None and by_time:
+        container = _open_container(path)
+        try:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = float(fps) if fps else _stream_fps(stream)
+            if rate > 0:
+                kept, stats = _decode_by_time(container, stream, wanted, rate, height, width, deadline, path, timeout)
+            else:
+                by_time = False
+        except _TimesUnusable:
+            kept, by_time = None, False
         finally:
             container.close()
     if kept is None:
@@ -841,7 +970,7 @@ def decode_frames(
         try:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            kept, stats = _decode_sequential(container, stream, wanted, height, width, deadline, path, timeout)
+            kept, stats = _decode_by_order(container, stream, wanted, height, width, deadline, path, timeout)
         finally:
             container.close()
     if not kept:
@@ -850,17 +979,18 @@ def decode_frames(
             f"{stats['decoded']} frames)"
         )
     found = [int(i) for i in indices if int(i) in kept]
-    if stats["bad_pts"]:
+    if not by_time:
         warnings.warn(
-            f"video {path!r} looks damaged: {stats['bad_pts']} frame(s) have non-increasing timestamps; frames are "
-            f"taken in decoding order and timed as index / average fps",
+            f"video {path!r} looks damaged: frame timestamps are missing or restart ({stats['bad_pts']} frame(s) out "
+            "of order); frames are taken in decoding order and timed as index / average fps",
             stacklevel=2,
         )
     if len(kept) < len(wanted) or stats["errors"]:
         missing = [i for i in wanted if i not in kept]
         warnings.warn(
-            f"video {path!r} looks damaged: {stats['errors']} corrupt packet(s); {len(missing)} of {len(wanted)} "
-            f"sampled frames missing (e.g. {missing[:5]}); using the {len(kept)} frames that decoded",
+            f"video {path!r} looks damaged or shorter than its header says: {stats['errors']} corrupt packet(s); "
+            f"{len(missing)} of {len(wanted)} sampled frames missing (e.g. {missing[:5]}); using the {len(kept)} "
+            "frames that decoded",
             stacklevel=2,
         )
     return torch.stack([kept[i] for i in found]), found
@@ -913,7 +1043,8 @@ def read_video(
         video_end=video_end,
     )
     frames, found = decode_frames(
-        path, plan["frame_indices"], plan["resized_height"], plan["resized_width"], timeout=timeout, seek=seek
+        path, plan["frame_indices"], plan["resized_height"], plan["resized_width"], timeout=timeout, seek=seek,
+        fps=plan["video_fps"],
     )
     if found != plan["frame_indices"]:
         plan["frame_indices"] = found

@@ -6,6 +6,9 @@ kernels) is imported.
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -26,3 +29,41 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# A Python process where this repository is not importable (everything must come from a saved folder), offline.
+CLEAN_PRELUDE = textwrap.dedent(
+    """
+    import sys
+    class _Block:  # this repository must not be importable: everything comes from the folder
+        def find_spec(self, name, path=None, target=None):
+            if name == "keye_vl" or name.startswith("keye_vl."):
+                raise ImportError("blocked " + name)
+    sys.meta_path.insert(0, _Block())
+    """
+)
+
+
+def run_clean_process(code: str, cwd, timeout=300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with ``keye_vl`` blocked, ``HF_HUB_OFFLINE=1`` and a private HF_HOME
+    under ``cwd``; assert it exits 0 (its stderr tail is the failure message)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(cwd),
+        "HF_HOME": str(cwd / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", CLEAN_PRELUDE + textwrap.dedent(code)], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture()
+def run_clean():
+    """:func:`run_clean_process` as a fixture (test modules cannot import each other in importlib mode)."""
+    return run_clean_process

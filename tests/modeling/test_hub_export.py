@@ -5,10 +5,6 @@ with no missing or unexpected keys and without re-initialising any loaded tensor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,33 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration, tiny_config
-
-CLEAN_PRELUDE = textwrap.dedent(
-    """
-    import sys
-    class _Block:  # this repository must not be importable: everything comes from the folder
-        def find_spec(self, name, path=None, target=None):
-            if name == "keye_vl" or name.startswith("keye_vl."):
-                raise ImportError("blocked " + name)
-    sys.meta_path.insert(0, _Block())
-    """
-)
-
-
-def run_clean(code: str, cwd, timeout=300) -> subprocess.CompletedProcess:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(cwd),
-        "HF_HOME": str(cwd / "hf_home"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", CLEAN_PRELUDE + textwrap.dedent(code)], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +41,7 @@ def test_export_folder_is_flat_and_complete(exported):
     assert cfg["model_type"] == "KeyeVL2" and "rope_scaling" in cfg and "sa_config" in cfg
 
 
-def test_export_loads_in_clean_process_with_identical_logits(exported, tmp_path):
+def test_export_loads_in_clean_process_with_identical_logits(exported, tmp_path, run_clean):
     model, folder = exported
     ids = torch.randint(0, 5000, (1, 30), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")

@@ -1,4 +1,4 @@
-"""CPU tests of ``examples/pretrain.py`` and ``examples/data.py`` on the tiny random model.
+"""CPU tests of ``examples/pretrain.py`` and ``keye_vl.training.data`` on the tiny random model.
 
 Covers: assistant-only labels; the data stream's sharding and exact resume; each stage changes exactly the
 parameters it should; the loss falls on a fixed small set; stop + resume == an uninterrupted run (bitwise, fp32);
@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
 
-import data as D  # noqa: E402
 import pretrain as P  # noqa: E402
+from keye_vl.training import data as D  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 TRAIN = os.path.join(EXAMPLES, "data", "train.jsonl")

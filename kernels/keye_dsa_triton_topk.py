@@ -135,6 +135,23 @@ if HAS_TRITON:
     _I32_MIN = tl.constexpr(-(2**31))
     _SENT = tl.constexpr(-(2**63) + 1)  # below every packed key (the smallest is (-2**31 + 1) << 32)
     _POS_BIG = tl.constexpr(2**62)
+    _INTERP_DOT = tl.constexpr(_INTERPRET)
+
+    @triton.jit
+    def _dot_nt(a, b, PRECISION: tl.constexpr):
+        """``a [M, D] @ b [N, D]^T`` in fp32, the same value for equal rows of ``b`` (and of ``a``) wherever they sit.
+
+        Compiled, this is ``tl.dot`` (an MMA computes every output element the same way, so equal keys get
+        bitwise-equal scores). Under ``TRITON_INTERPRET=1``, ``tl.dot`` is numpy's BLAS ``matmul``, which is not
+        column-consistent on every CPU: OpenBLAS' AVX2 sgemm kernel (the one it runs on CPUs without AVX-512,
+        e.g. AMD EPYC; ``OPENBLAS_CORETYPE=Haswell`` forces it elsewhere) rounds the edge columns of a tile
+        differently, so identical keys scored 1 ulp apart and exact ties were broken by tile position. There
+        the product is an elementwise multiply and a sum over D, the same operation for every output element.
+        """
+        if _INTERP_DOT:
+            return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+        else:
+            return tl.dot(a, tl.trans(b), input_precision=PRECISION)
 
     # ------------------------------------------------------------------------------------------------
     # indexer scores -> order-preserving int32 keys
@@ -213,17 +230,17 @@ if HAS_TRITON:
             if UPCAST:
                 kv = kv.to(tl.float32)
             if MODE == 0:
-                qk = tl.dot(qv, tl.trans(kv), input_precision=PRECISION)  # [M, BK] fp32
+                qk = _dot_nt(qv, kv, PRECISION)  # [M, BK] fp32
                 qk = tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * wv[:, None]  # relu(NaN) = NaN (torch)
                 sc = tl.sum(tl.reshape(qk, (BQ, HP, BK)), axis=1)  # [BQ, BK]
             elif MODE == 1:
-                kq = tl.dot(kv, tl.trans(qv), input_precision=PRECISION)  # [BK, M] fp32
+                kq = _dot_nt(kv, qv, PRECISION)  # [BK, M] fp32
                 kq = tl.maximum(kq, 0.0, propagate_nan=tl.PropagateNan.ALL) * wv[None, :]
                 sc = tl.trans(tl.sum(tl.reshape(kq, (BK, BQ, HP)), axis=2))  # [BQ, BK]
             else:
                 sc = tl.zeros([BQ, BK], tl.float32)
                 for h in tl.static_range(H):
-                    qk = tl.dot(qs[h], tl.trans(kv), input_precision=PRECISION)
+                    qk = _dot_nt(qs[h], kv, PRECISION)
                     sc += tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * ws[h][:, None]
             allowed = (s[None, :] <= qpos[:, None]) & smask[None, :]
             if HAS_KM:
@@ -452,7 +469,7 @@ if HAS_TRITON:
                     kv = tl.load(k_ptr + b * skb + sp[:, None] * sks + d[None, :])
                     if UPCAST:
                         kv = kv.to(tl.float32)
-                    qk = tl.dot(qv, tl.trans(kv), input_precision=PRECISION)  # [HP, SB]
+                    qk = _dot_nt(qv, kv, PRECISION)  # [HP, SB]
                     sc = tl.sum(tl.maximum(qk, 0.0, propagate_nan=tl.PropagateNan.ALL) * wv[:, None], axis=0)
                     allowed = sp <= pos
                     if HAS_KM:

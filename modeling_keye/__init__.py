@@ -6,7 +6,28 @@ the modeling files, safetensors shards) that loads with ``trust_remote_code=True
 installed. This ``__init__`` is not part of the export.
 """
 
+import importlib as _importlib
+import pkgutil as _pkgutil
+import sys as _sys
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+
+def _share_kernel_modules() -> None:
+    """Make each DSA kernel file ONE module object, whether reached as ``keye_vl.kernels.X`` or as
+    ``keye_vl.modeling_keye.X`` (the modeling folder carries the kernel files too, as links, so that
+    ``save_pretrained`` exports them beside the model; imported twice they were two modules, and a tuning set in
+    ``CONFIG``/``STATS`` through one route never reached the model). The model's relative imports then find the
+    ``keye_vl.kernels`` module in ``sys.modules``. An exported Hub folder has one copy of each file anyway."""
+    from .. import kernels as _kernels
+
+    here = {m.name for m in _pkgutil.iter_modules(__path__)}
+    for info in _pkgutil.iter_modules(_kernels.__path__):
+        if info.name in here and f"{__name__}.{info.name}" not in _sys.modules:
+            _sys.modules[f"{__name__}.{info.name}"] = _importlib.import_module(f"{_kernels.__name__}.{info.name}")
+
+
+_share_kernel_modules()
 
 from .configuration_keye_vl_2 import (
     DSA_ATTN_IMPLEMENTATIONS,

@@ -625,6 +625,19 @@ def summarize(data: dict) -> dict:
     return out
 
 
+def merge_runs(runs: list) -> dict:
+    """Several result files -> one: rows keyed by (model, kind, context, batch), a later run's row replacing an
+    earlier one's; ``meta`` is the first run's, with ``merged_from`` listing each run's date and phases."""
+    rows = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows[(r.get("model"), r.get("kind"), r.get("context"), r.get("batch"))] = r
+    meta = dict(runs[0].get("meta", {}))
+    meta["merged_from"] = [{"date": r.get("meta", {}).get("date"), "models": sorted({x.get("model") for x in r["rows"]})}
+                           for r in runs]
+    return {"meta": meta, "rows": list(rows.values())}
+
+
 def make_plot(data: dict, png: str) -> bool:
     """Prefill time (TTFT) against context for the three models, log-log; OOM / skipped marked. Returns
     False when matplotlib is missing."""
@@ -790,7 +803,9 @@ def main(argv=None):
     p.add_argument("--output", default=None, help="JSON path (rewritten after every row)")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--plot-only", default=None, metavar="JSON", help="only redraw the PNG (and table) from this JSON")
+    p.add_argument("--plot-only", default=None, nargs="+", metavar="JSON",
+                   help="only redraw the PNG (and table) from these JSON files (a later file's rows replace an earlier "
+                        "file's rows of the same model, kind, context and batch; the PNG goes beside the first)")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; rows that would not fit are skipped")
     p.add_argument("--dsa", default="dsa", choices=["dsa", "dsa_triton", "dsa_torch"], help="attn_implementation of the DSA rows")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list out of {PHASES} (run in this order)")
@@ -799,9 +814,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.plot_only:
-        data = json.loads(Path(args.plot_only).read_text())
+        data = merge_runs([json.loads(Path(f).read_text()) for f in args.plot_only])
         data["summary"] = summarize(data)
-        make_plot(data, args.plot or str(Path(args.plot_only).with_suffix(".png")))
+        make_plot(data, args.plot or str(Path(args.plot_only[0]).with_suffix(".png")))
         print_table(data)
         return 0
 

@@ -4,8 +4,9 @@ Without ``--model`` it builds a tiny random-weight Keye-VL-2.0 (``keye_vl.modeli
 parameters, the real Qwen3 vocabulary) and its processor, exports both as one self-contained Hub folder
 (``save_pretrained``: config, safetensors, the flat modeling / processing code with ``auto_map``), loads that folder
 back with ``AutoProcessor`` and ``AutoModelForImageTextToText`` (``trust_remote_code=True``) and asks about
-``assets/media/chelsea.png`` and ``assets/media/cockatoo.mp4``. The tiny model's answers are random text: the
-point is the pipeline and its figures. With ``--model PATH`` (e.g. a local copy of
+``assets/media/chelsea.png`` and ``assets/media/cockatoo.mp4``. The tiny model has random weights, so it answers
+with random tokens: the point is the pipeline and its figures. Its checkpoint goes to a temporary folder that is
+deleted when the script ends; ``--export-dir DIR`` keeps it in ``DIR``. With ``--model PATH`` (e.g. a local copy of
 ``Kwai-Keye/Keye-VL-2.0-30B-A3B``) the same steps run on that checkpoint.
 
 It prints, per input, the visual token count, the number of frames, their timestamps (seconds), the frame size,
@@ -15,6 +16,7 @@ figures for scripts.
 Run (CPU, under 2 minutes on 2 cores)::
 
     python examples/quickstart.py
+    python examples/quickstart.py --export-dir keye-vl-2-tiny   # keep the exported checkpoint
     python examples/quickstart.py --output-json quickstart.json
     python examples/quickstart.py --model /path/to/Keye-VL-2.0-30B-A3B --device cuda --dtype bfloat16
 """
@@ -38,7 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     # --- model
     parser.add_argument("--model", default=None, help="checkpoint folder or Hub id; default: build a tiny random one")
-    parser.add_argument("--export-dir", default=None, help="where the tiny checkpoint is written (default: a temp dir)")
+    parser.add_argument(
+        "--export-dir", default=None,
+        help="keep the tiny checkpoint in this folder (default: a temporary folder, deleted at exit)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn-implementation", default=None, help="e.g. dsa, dsa_torch, sdpa (default: the config's)")
@@ -200,7 +205,12 @@ def main(argv=None) -> dict:
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
     img, vid = results["image"], results["video"]
-    print(f"model: {report['model']} ({report['parameters'] / 1e6:.1f} M parameters) from {model_path}")
+    if args.model is None:
+        where = f"temporary folder {model_path}, deleted at exit (--export-dir DIR keeps it)" if tmp else model_path
+        print(f"model: {report['model']} ({report['parameters'] / 1e6:.1f} M parameters), checkpoint in {where}")
+        print("        random weights: the answers below are random tokens, not a description of the inputs")
+    else:
+        print(f"model: {report['model']} ({report['parameters'] / 1e6:.1f} M parameters) from {model_path}")
     print(f"[image] {img['image']}: {img['frame_height']}x{img['frame_width']} px -> {img['visual_tokens']} visual tokens, "
           f"prompt {img['prompt_tokens']} tokens")
     print(f"        answer: {img['generated_text']!r}")

@@ -57,6 +57,9 @@ def test_quickstart_runs_and_reports(tmp_path):
     for item in (image, video):
         assert item["generated_tokens"] >= 1 and item["prompt_tokens"] > item["visual_tokens"]
     assert set(report["seconds"]) >= {"build_and_export", "load", "image_generate", "video_generate", "total"}
+    # a new user is told the answers are random and where the checkpoint is (kept: --export-dir was given)
+    assert "random weights: the answers below are random tokens" in proc.stdout
+    assert f"checkpoint in {tmp_path / 'tiny'}\n" in proc.stdout
     assert "timestamps (s): 0.0, 0.5, 1.0, 1.5, 2.0" in proc.stdout  # the prompt's float32 times (21 / 20 -> 1.0)
     # issue 3: under 2 minutes on the 2-core machine. On a shared, busy machine wall time inflates, so the CPU time
     # the run consumed (<= 2 cores x wall time on an idle machine) is accepted as the measure too.

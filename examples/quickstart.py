@@ -80,12 +80,10 @@ def build_tiny_checkpoint(folder: Path, seed: int) -> None:
 
 def run_one(name, messages, processor, model, args, timings) -> dict:
     """Prepare one conversation, generate, and collect its figures."""
-    from keye_vl.processing import process_vision_info
-
     t0 = time.perf_counter()
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     video_defaults = {k: v for k, v in {"fps": args.fps, "max_frames": args.max_frames}.items() if v is not None}
-    images, videos, video_kwargs = process_vision_info(messages, **video_defaults)
+    images, videos, video_kwargs = processor.process_vision_info(messages, **video_defaults)
     inputs = processor(text=prompt, images=images, videos=videos, **(video_kwargs if videos else {}))
     t1 = time.perf_counter()
     inputs = inputs.to(args.device)

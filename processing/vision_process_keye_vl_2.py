@@ -35,6 +35,7 @@ can be copied flat into a Hub folder and imported without PyAV installed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import logging
 import math
@@ -88,7 +89,6 @@ _SEEK_DEFAULT = None if _SEEK_ENV in ("", "auto") else _SEEK_ENV in ("1", "true"
 # Wall-clock limit for reading one video (seconds); the decode loops check it between packets.
 DEFAULT_VIDEO_READ_TIMEOUT = float(os.environ.get("KEYE_VIDEO_READ_TIMEOUT", "600"))
 
-VIDEO_EXTRA_KEYS = ("fps", "max_frames", "min_frames", "min_pixels", "max_pixels", "total_pixels")
 
 
 class VideoReadError(RuntimeError):
@@ -307,59 +307,193 @@ def frame_range(
     return start, end
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoSampling:
+    """How one video is sampled and sized (Keye-VL-2.0 rules, spec in the module docstring); immutable, validated.
+
+    Fields (all optional; defaults are the model's):
+
+    - ``fps`` (float, 2.0): frames per second to take, never above the video's own rate.
+    - ``nframes`` (int, None): take exactly this many frames instead of the ``fps`` rule (qwen-vl-utils key);
+      must be <= the frames in the (windowed) video.
+    - ``min_frames`` (int, 2), ``max_frames`` (int, None): bounds of the ``fps`` rule; the budget also caps the
+      count at ``floor(budget / (64 * 784))`` frames (2,880 by default).
+    - ``min_pixels`` (int, 64 x 784), ``max_pixels`` (int, 256 x 784): per-frame area bounds in pixels (the
+      minimum is never below 64 tokens).
+    - ``total_pixels`` (float, 184,320 x 784): the per-request budget in pixels, divided among the videos of one
+      conversation.
+    - ``adaptive_budget`` (bool, False): duration-adaptive budget (0.09x up to 259 s ... 0.7x up to 2016 s; single
+      video only).
+    - ``resized_height``, ``resized_width`` (int, None): fixed frame size (qwen-vl-utils key; both or neither),
+      rounded to multiples of 28 by :func:`smart_resize` with the image bounds, replacing the budget's size rule.
+    - ``video_start``, ``video_end`` (float seconds, None): window of the video to sample (qwen-vl-utils keys).
+
+    Build from a message item or keyword arguments with :meth:`from_mapping`, which rejects unknown keys by name.
+
+    Raises:
+        ValueError: a value out of range (non-positive fps / counts / pixels, only one of resized_height /
+        resized_width, ``video_start >= video_end``).
+    """
+
+    fps: float = VIDEO_FPS
+    nframes: int | None = None
+    min_frames: int = VIDEO_MIN_FRAMES
+    max_frames: int | None = None
+    min_pixels: int = VIDEO_MIN_PIXELS
+    max_pixels: int = VIDEO_MAX_PIXELS
+    total_pixels: float = VIDEO_TOTAL_PIXELS
+    adaptive_budget: bool = False
+    resized_height: int | None = None
+    resized_width: int | None = None
+    video_start: float | None = None
+    video_end: float | None = None
+
+    def __post_init__(self) -> None:
+        def positive(name, value, kind=float):
+            if value is None:
+                return
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"video option {name} must be a number, got {value!r}") from None
+            if not number > 0 or math.isinf(number):
+                what = "the sampling fps must be positive (frames per second to take)" if name == "fps" else (
+                    f"video option {name} must be positive")
+                raise ValueError(f"{what}, got {value!r}")
+            if kind is int and number != int(number):
+                raise ValueError(f"video option {name} must be a whole number, got {value!r}")
+            object.__setattr__(self, name, kind(number))
+
+        if self.fps is None:
+            object.__setattr__(self, "fps", VIDEO_FPS)
+        positive("fps", self.fps)
+        for name in ("nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "resized_height", "resized_width"):
+            positive(name, getattr(self, name), int)
+        positive("total_pixels", self.total_pixels)
+        object.__setattr__(self, "adaptive_budget", bool(self.adaptive_budget))
+        if (self.resized_height is None) != (self.resized_width is None):
+            raise ValueError(
+                f"give both resized_height and resized_width or neither (got resized_height={self.resized_height}, "
+                f"resized_width={self.resized_width})"
+            )
+        for name in ("video_start", "video_end"):
+            value = getattr(self, name)
+            if value is not None:
+                if not float(value) >= 0 or math.isinf(float(value)):
+                    raise ValueError(f"video option {name} must be a time in seconds >= 0, got {value!r}")
+                object.__setattr__(self, name, float(value))
+        if self.video_start is not None and self.video_end is not None and self.video_start >= self.video_end:
+            raise ValueError(f"video_start ({self.video_start} s) must be before video_end ({self.video_end} s)")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The option names (the keys :meth:`from_mapping` accepts besides the aliases)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(
+        cls, options: dict[str, Any], base: "VideoSampling | None" = None, ignore: Sequence[str] = (), where: str = ""
+    ) -> "VideoSampling":
+        """``base`` (default: the model's defaults) with the non-``None`` entries of ``options`` replaced.
+
+        Accepts the field names and the alias ``video_total_pixels`` (= ``total_pixels``, keye-vl-utils); keys in
+        ``ignore`` are skipped. ``fps`` and ``nframes`` together are refused (as in qwen-vl-utils).
+
+        Raises:
+            ValueError: an unknown key (the message names it, ``where`` it was found, and the closest known key).
+        """
+        base = base if base is not None else cls()
+        names = set(cls.field_names())
+        changes: dict[str, Any] = {}
+        for key, value in options.items():
+            if key in ignore:
+                continue
+            target = "total_pixels" if key == "video_total_pixels" else key
+            if target not in names:
+                raise ValueError(_unknown_key_message(key, names | set(ignore) | {"video_total_pixels"}, where or "video options"))
+            if value is not None:
+                changes[target] = value
+        if options.get("fps") is not None and options.get("nframes") is not None:
+            raise ValueError(f"give either fps or nframes for a video, not both (got fps={options['fps']}, "
+                             f"nframes={options['nframes']}){' in ' + where if where else ''}")
+        if "fps" in changes:
+            changes.setdefault("nframes", None)
+        return dataclasses.replace(base, **changes) if changes else base
+
+
+def _unknown_key_message(key: str, known: set[str], where: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {key!r} in {where}{hint} (known keys: {', '.join(sorted(known))})"
+
+
 def plan_video(
     total_frames: int,
     video_fps: float,
     height: int,
     width: int,
+    sampling: VideoSampling | None = None,
     *,
-    fps: float | None = None,
-    min_frames: int = VIDEO_MIN_FRAMES,
-    max_frames: int | None = None,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    total_pixels: float | None = None,
     num_videos: int = 1,
-    adaptive_budget: bool = False,
-    video_start: float | None = None,
-    video_end: float | None = None,
     timestamps_fps: float | None = -1.0,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Everything the Keye-VL-2.0 sampling rule decides for one video, from its metadata alone (spec section 7).
+    """Everything the Keye-VL-2.0 sampling rule decides for one video, from its metadata alone: the only home of
+    the frame-count and frame-size rules (used for files, frame lists and already-sampled frame arrays).
+
+    1. window: ``frame_range`` of ``[video_start, video_end]`` (all frames by default); ``count`` frames;
+    2. budget: :func:`video_budget_pixels` (``total_pixels / num_videos``, optionally duration-adaptive);
+    3. frame count: ``nframes`` if given, else :func:`smart_nframes` (fps rule, min/max frames, budget cap);
+    4. indices ``start + round(linspace(0, count - 1, nframes))``, timestamps ``index / fps`` (float32);
+    5. frame size: ``resized_height x resized_width`` rounded to multiples of 28 if given, else
+       :func:`smart_resize` with ``min_pixels`` (at least 64 x 784) and the per-frame cap
+       ``T = tokens_per_frame_cap(nframes, budget)`` tokens (at most ``max_pixels``).
 
     Args:
-        total_frames: frames in the video (decoder output order).
-        video_fps: average frame rate of the video (frames/second).
+        total_frames: frames in the video (>= 1). video_fps: its average rate (frames/second, > 0).
         height, width: native frame size in pixels.
-        fps, min_frames, max_frames: sampling overrides (see :func:`smart_nframes`).
-        min_pixels, max_pixels: per-frame pixel bounds; the effective minimum is never below 64 x 784 and
-            ``max_pixels`` caps the tokens per frame (default 256 x 784).
-        total_pixels: the per-request budget in pixels before division among videos (default 184,320 x 784).
-        num_videos: videos sharing the budget.
-        adaptive_budget: duration-adaptive budget (single video only).
-        video_start, video_end: optional window in seconds.
-        timestamps_fps: frame rate used for timestamps; ``-1`` (default) means ``video_fps``, ``None`` means no
-            timestamps (frame lists without an ``fps``). Timestamps are float32 values (see
-            :func:`frame_timestamps`).
+        sampling: the options (:class:`VideoSampling`; default: the model's).
+        num_videos: videos sharing the budget (those of one conversation).
+        timestamps_fps: rate used for timestamps; ``-1`` (default) means ``video_fps``, ``None`` means no timestamps
+            (frame lists without an ``fps``).
+        **options: :class:`VideoSampling` fields overriding ``sampling`` (checked by name).
 
     Returns:
-        dict with ``frame_indices`` (list[int]), ``timestamps`` (list[float] seconds = index / fps, or ``None``),
-        ``nframes``, ``resized_height``, ``resized_width`` (multiples of 28), ``tokens_per_frame`` (int, after the
-        2x2 merge), ``tokens_per_frame_cap`` (T), ``total_tokens``, ``budget_tokens`` (float), ``video_fps``,
-        ``total_frames``, ``duration`` (seconds).
+        dict with ``frame_indices`` (list[int]), ``timestamps`` (list[float] seconds or ``None``), ``nframes``,
+        ``resized_height``, ``resized_width`` (multiples of 28), ``tokens_per_frame`` (int, after the 2x2 merge),
+        ``tokens_per_frame_cap`` (T), ``total_tokens``, ``budget_tokens`` (float), ``video_fps``, ``total_frames``,
+        ``duration`` (seconds, ``total_frames / video_fps``).
+
+    Raises:
+        ValueError: ``nframes`` above the frames available, empty window, bad sizes (see :func:`smart_resize`).
     """
-    start, end = frame_range(total_frames, video_fps, video_start, video_end)
+    sampling = VideoSampling.from_mapping(options, sampling, where="plan_video") if options else (sampling or VideoSampling())
+    start, end = frame_range(total_frames, video_fps, sampling.video_start, sampling.video_end)
     count = end - start + 1
     duration = total_frames / video_fps
-    budget = video_budget_pixels(duration, num_videos=num_videos, total_pixels=total_pixels, adaptive=adaptive_budget)
-    nframes = smart_nframes(count, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, total_pixels=budget)
+    budget = video_budget_pixels(duration, num_videos=num_videos, total_pixels=sampling.total_pixels,
+                                 adaptive=sampling.adaptive_budget)
+    if sampling.nframes is not None:
+        if sampling.nframes > count:
+            raise ValueError(
+                f"nframes={sampling.nframes} is more than the {count} frames of the video"
+                f"{' window' if count != total_frames else ''} ({total_frames} frames at {video_fps:g} fps)"
+            )
+        nframes = sampling.nframes
+    else:
+        nframes = smart_nframes(count, video_fps, fps=sampling.fps, min_frames=sampling.min_frames,
+                                max_frames=sampling.max_frames, total_pixels=budget)
     indices = sample_frame_indices(count, nframes, start=start)
-    eff_min_pixels = max(int(VIDEO_MIN_PIXELS if min_pixels is None else min_pixels), VIDEO_MIN_PIXELS)
-    eff_max_pixels = int(VIDEO_MAX_PIXELS if max_pixels is None else max_pixels)
-    cap = tokens_per_frame_cap(nframes, budget, eff_min_pixels, eff_max_pixels)
-    resized_height, resized_width = smart_resize(
-        height, width, IMAGE_FACTOR, min_pixels=eff_min_pixels, max_pixels=cap * PIXELS_PER_TOKEN
-    )
+    eff_min_pixels = max(sampling.min_pixels, VIDEO_MIN_PIXELS)
+    cap = tokens_per_frame_cap(nframes, budget, eff_min_pixels, sampling.max_pixels)
+    if sampling.resized_height is not None:
+        resized_height, resized_width = smart_resize(sampling.resized_height, sampling.resized_width, IMAGE_FACTOR)
+    else:
+        resized_height, resized_width = smart_resize(
+            height, width, IMAGE_FACTOR, min_pixels=eff_min_pixels, max_pixels=cap * PIXELS_PER_TOKEN
+        )
     ts_fps = video_fps if timestamps_fps == -1.0 else timestamps_fps
     timestamps = None if ts_fps is None else frame_timestamps(indices, ts_fps)
     per_frame = (resized_height // IMAGE_FACTOR) * (resized_width // IMAGE_FACTOR)
@@ -518,24 +652,36 @@ def _open_image_bytes(data: bytes, name: str) -> Image.Image:
 
 
 def fetch_image(ele: dict[str, Any] | Any) -> Image.Image:
-    """Load and resize one image element of a message (qwen-vl-utils format), spec section 7.
+    """Load and resize one image item of a message (qwen-vl-utils format, or transformers' chat-template item).
 
-    ``ele`` is ``{"type": "image", "image": <PIL | path | file:// | data:> (URLs are refused: no network), "min_pixels": ...,
-    "max_pixels": ..., "resized_height": ..., "resized_width": ...}`` (``"image_url"`` is accepted for ``"image"``)
-    or a bare source. Returns an RGB PIL image whose sides are multiples of 28, resized with PIL bicubic (the
-    resampling of PIL's ``Image.resize`` default used by keye-vl-utils / qwen-vl-utils).
+    ``ele`` is ``{"type": "image", <source>, "min_pixels": ..., "max_pixels": ..., "resized_height": ...,
+    "resized_width": ...}`` where the source is one of ``"image"`` / ``"image_url"`` (qwen-vl-utils; an OpenAI
+    style ``{"url": ...}`` dict is accepted), ``"url"`` / ``"path"`` / ``"base64"`` (transformers): a PIL image, a
+    local path, a ``file://`` or ``data:`` URI (``http(s)`` URLs are refused: no network), or a bare source.
+
+    Returns an RGB PIL image whose sides are multiples of 28, resized with PIL bicubic (the resampling of PIL's
+    ``Image.resize`` default used by keye-vl-utils / qwen-vl-utils).
+
+    Raises:
+        ValueError: an unknown key (named, with the closest known key: ``max_pixel`` -> ``max_pixels``), no or
+        several sources, only one of ``resized_height`` / ``resized_width``; :func:`load_image`'s errors.
     """
     if not isinstance(ele, dict):
         ele = {"image": ele}
-    source = ele.get("image", ele.get("image_url"))
+    known = {"type", *IMAGE_SOURCE_KEYS, *IMAGE_OPTION_KEYS}
+    for key in ele:
+        if key not in known:
+            raise ValueError(_unknown_key_message(key, known, "an image item"))
+    source = _media_source(ele, IMAGE_SOURCE_KEYS, "image")
     if isinstance(source, dict):  # OpenAI style {"image_url": {"url": ...}}
         source = source.get("url")
-    if source is None:
-        raise ValueError(f"image element without an 'image' or 'image_url' entry: {sorted(ele)}")
     image = load_image(source)
-    min_pixels = int(ele.get("min_pixels", IMAGE_MIN_PIXELS))
-    max_pixels = int(ele.get("max_pixels", IMAGE_MAX_PIXELS))
-    if "resized_height" in ele and "resized_width" in ele:
+    min_pixels = int(ele.get("min_pixels") or IMAGE_MIN_PIXELS)
+    max_pixels = int(ele.get("max_pixels") or IMAGE_MAX_PIXELS)
+    has_h, has_w = ele.get("resized_height") is not None, ele.get("resized_width") is not None
+    if has_h != has_w:
+        raise ValueError("give both resized_height and resized_width for an image, or neither")
+    if has_h:
         height, width = smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), IMAGE_FACTOR)
     else:
         height, width = smart_resize(image.height, image.width, IMAGE_FACTOR, min_pixels, max_pixels)
@@ -998,50 +1144,34 @@ def decode_frames(
 
 def read_video(
     path: str,
+    sampling: VideoSampling | None = None,
     *,
-    fps: float | None = None,
-    min_frames: int = VIDEO_MIN_FRAMES,
-    max_frames: int | None = None,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    total_pixels: float | None = None,
     num_videos: int = 1,
-    adaptive_budget: bool = False,
-    video_start: float | None = None,
-    video_end: float | None = None,
     timeout: float | None = None,
     seek: bool | None = None,
+    **options: Any,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read one video file the Keye-VL-2.0 way: probe, plan (spec section 7), decode only the sampled frames.
+    """Read one video file the Keye-VL-2.0 way: probe (:func:`probe_video`), plan (:func:`plan_video`), decode only
+    the sampled frames (:func:`decode_frames`).
 
-    Args: see :func:`plan_video` (overrides) and :func:`decode_frames` (``timeout``, ``seek``).
+    Args:
+        path: local path or ``file://`` URI.
+        sampling: :class:`VideoSampling` (default: the model's); ``**options`` (its field names) override it.
+        num_videos: videos sharing the budget. timeout, seek: see :func:`decode_frames`.
 
     Returns:
         ``(frames, info)``: uint8 tensor ``[nframes, 3, H, W]`` with H, W multiples of 28 (the shared frame size),
         and the :func:`plan_video` dict updated with the frames actually decoded (``frame_indices``, ``timestamps``,
-        ``nframes``, ``total_tokens``) plus the probe's ``height``/``width``/``codec``.
+        ``nframes``, ``total_tokens``) plus the probe's ``height``/``width``/``codec``/``fps_source``.
 
     Raises:
         FileNotFoundError, VideoReadError (empty file, not a video, nothing decodes), TimeoutError, ImportError (no
-        PyAV).
+        PyAV), ValueError (unknown option, bad values).
     """
+    sampling = VideoSampling.from_mapping(options, sampling, where="read_video") if options else (sampling or VideoSampling())
     probe = probe_video(path, timeout=timeout)
-    plan = plan_video(
-        probe["total_frames"],
-        probe["video_fps"],
-        probe["height"],
-        probe["width"],
-        fps=fps,
-        min_frames=min_frames,
-        max_frames=max_frames,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        total_pixels=total_pixels,
-        num_videos=num_videos,
-        adaptive_budget=adaptive_budget,
-        video_start=video_start,
-        video_end=video_end,
-    )
+    plan = plan_video(probe["total_frames"], probe["video_fps"], probe["height"], probe["width"], sampling,
+                      num_videos=num_videos)
     frames, found = decode_frames(
         path, plan["frame_indices"], plan["resized_height"], plan["resized_width"], timeout=timeout, seek=seek,
         fps=plan["video_fps"],
@@ -1051,7 +1181,8 @@ def read_video(
         plan["timestamps"] = frame_timestamps(found, plan["video_fps"])
         plan["nframes"] = len(found)
         plan["total_tokens"] = plan["tokens_per_frame"] * len(found)
-    plan.update({"height": probe["height"], "width": probe["width"], "codec": probe["codec"], "path": path})
+    plan.update({"height": probe["height"], "width": probe["width"], "codec": probe["codec"], "path": path,
+                 "fps_source": probe["fps_source"]})
     return frames, plan
 
 
@@ -1072,77 +1203,98 @@ def _frame_list_to_tensor(frames: Any) -> list[torch.Tensor]:
 
 def read_frame_list(
     frames: Any,
+    sampling: VideoSampling | None = None,
     *,
-    fps: float | None = None,
-    min_frames: int = VIDEO_MIN_FRAMES,
-    max_frames: int | None = None,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    total_pixels: float | None = None,
+    frames_fps: float | None = None,
     num_videos: int = 1,
+    **options: Any,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """A video given as a list of frames (PIL images, paths, arrays) or a 4-D array, the S1 way.
 
     S1 ``fetch_video`` (image-list branch): each frame is first sized with :func:`smart_resize` within
-    ``[min_pixels or 64*784, max_pixels or 256*784]``; frames are sampled with :func:`smart_nframes` using
-    ``video_fps = fps or 2.0``; timestamps are ``index / fps`` only when ``fps`` is given (else ``None`` and the
-    prompt carries ``<|frame|>`` without a time); the shared size is then :func:`smart_resize` of that intermediate
-    size under the per-frame cap T. Frames are resized once, straight to the final size (S1 resizes twice).
+    ``[min_pixels, max_pixels]``; frames are sampled by :func:`plan_video` with ``video_fps = frames_fps or 2.0``
+    as both the frames' rate and the sampling rate (so every frame is kept up to ``max_frames`` / the budget, or
+    ``nframes``); timestamps are ``index / frames_fps`` only when ``frames_fps`` is given (else ``None`` and the
+    prompt carries ``<|frame|>`` without a time). Frames are resized once, straight to the final size (S1 resizes
+    twice).
+
+    Args:
+        frames: the frames. sampling / ``**options``: as :func:`read_video` (``fps`` among the options is taken as
+            ``frames_fps``). frames_fps: the rate the frames were taken at (seconds = index / rate).
 
     Returns:
         ``(frames, info)`` as :func:`read_video`.
 
     Raises:
-        ValueError: empty frame list (zero-length video) or frames of unusable shape.
+        ValueError: empty frame list (zero-length video), frames of unusable shape, bad options.
     """
+    if "fps" in options:
+        frames_fps = options.pop("fps") if frames_fps is None else frames_fps
+        options.pop("fps", None)
+    sampling = VideoSampling.from_mapping(options, sampling, where="read_frame_list") if options else (sampling or VideoSampling())
     if frames is None or len(frames) == 0:
         raise ValueError("the video's frame list is empty: a video needs at least one frame")
     tensors = _frame_list_to_tensor(frames)
     if not tensors:
         raise ValueError("the video's frame list is empty: a video needs at least one frame")
     height, width = int(tensors[0].shape[-2]), int(tensors[0].shape[-1])
-    inter_h, inter_w = smart_resize(
-        height,
-        width,
-        IMAGE_FACTOR,
-        min_pixels=int(VIDEO_MIN_PIXELS if min_pixels is None else min_pixels),
-        max_pixels=int(VIDEO_MAX_PIXELS if max_pixels is None else max_pixels),
-    )
-    video_fps = float(VIDEO_FPS if fps is None else fps)
-    plan = plan_video(
-        len(tensors),
-        video_fps,
-        inter_h,
-        inter_w,
-        fps=video_fps,
-        min_frames=min_frames,
-        max_frames=max_frames,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        total_pixels=total_pixels,
-        num_videos=num_videos,
-        timestamps_fps=None if fps is None else video_fps,
-    )
-    out = torch.stack(
-        [resize_frames(tensors[i].unsqueeze(0), plan["resized_height"], plan["resized_width"])[0] for i in plan["frame_indices"]]
-    )
+    inter_h, inter_w = smart_resize(height, width, IMAGE_FACTOR, min_pixels=sampling.min_pixels,
+                                    max_pixels=sampling.max_pixels)
+    video_fps = VideoSampling(fps=VIDEO_FPS if frames_fps is None else frames_fps).fps  # validated
+    plan = plan_video(len(tensors), video_fps, inter_h, inter_w, dataclasses.replace(sampling, fps=video_fps),
+                      num_videos=num_videos, timestamps_fps=None if frames_fps is None else video_fps)
+    size = (plan["resized_height"], plan["resized_width"])
+    out = torch.stack([resize_frames(tensors[i].unsqueeze(0), *size)[0] for i in plan["frame_indices"]])
     plan.update({"height": height, "width": width, "codec": None, "path": None})
     return out, plan
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Messages (qwen-vl-utils / keye-vl-utils format)
+# Messages (qwen-vl-utils / keye-vl-utils format, and transformers' chat-template items)
 # ----------------------------------------------------------------------------------------------------------------------
-def _is_media(ele: Any, kind: str) -> bool:
+# Where a media item keeps its source: qwen-vl-utils uses "image" / "image_url" / "video"; transformers' chat
+# templates use "url", "path" (and "base64" for images) next to "type".
+IMAGE_SOURCE_KEYS = ("image", "image_url", "url", "path", "base64")
+VIDEO_SOURCE_KEYS = ("video", "url", "path")
+IMAGE_OPTION_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+# Per-item keys that are not sampling options: the reader's time limit, the frame list's rate (qwen-vl-utils).
+VIDEO_READER_KEYS = ("timeout", "sample_fps")
+
+
+def _media_kind(ele: Any) -> str | None:
+    """``"image"``, ``"video"`` or ``None`` for one content item."""
     if not isinstance(ele, dict):
-        return False
-    if kind == "image":
-        return "image" in ele or "image_url" in ele or ele.get("type") in ("image", "image_url")
-    return "video" in ele or ele.get("type") == "video"
+        return None
+    kind = ele.get("type")
+    if kind in ("image", "image_url") or (kind is None and ("image" in ele or "image_url" in ele)):
+        return "image"
+    if kind == "video" or (kind is None and "video" in ele):
+        return "video"
+    if kind is not None and kind != "text" and ("image" in ele or "video" in ele or "image_url" in ele):
+        return "video" if "video" in ele else "image"
+    return None
+
+
+def _is_media(ele: Any, kind: str) -> bool:
+    return _media_kind(ele) == kind
+
+
+def _media_source(ele: dict, keys: Sequence[str], kind: str) -> Any:
+    found = [k for k in keys if ele.get(k) is not None]
+    if not found:
+        raise ValueError(
+            f"{kind} item without a source: give one of {', '.join(repr(k) for k in keys)} (got keys {sorted(ele)})"
+        )
+    if len(found) > 1:
+        raise ValueError(f"{kind} item has several sources {found}; give exactly one")
+    source = ele[found[0]]
+    if found[0] == "base64":
+        source = source if str(source).startswith("data:") else "data:image/unknown;base64," + str(source)
+    return source
 
 
 def extract_vision_info(conversations: Sequence[dict] | Sequence[Sequence[dict]]) -> list[list[dict]]:
-    """Image/video elements of one conversation or a batch of conversations, per conversation, in order."""
+    """Image/video items of one conversation or a batch of conversations, per conversation, in order."""
     if not conversations:
         return []
     if isinstance(conversations[0], dict):
@@ -1154,51 +1306,65 @@ def extract_vision_info(conversations: Sequence[dict] | Sequence[Sequence[dict]]
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list):
                 for ele in content:
-                    if _is_media(ele, "image") or _is_media(ele, "video"):
+                    if _media_kind(ele) is not None:
                         infos.append(ele)
         result.append(infos)
     return result
 
 
-def fetch_video(ele: dict[str, Any], num_videos: int = 1, **defaults: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Load one video element ``{"type": "video", "video": <path | file:// | URL | frame list | 4-D array>,
-    "fps", "max_frames", "min_frames", "min_pixels", "max_pixels", "total_pixels" (or "video_total_pixels"),
-    "video_start", "video_end", "adaptive_budget"}`` (per-item values override ``defaults``).
+def fetch_video(
+    ele: dict[str, Any], num_videos: int = 1, sampling: VideoSampling | None = None, timeout: float | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Load one video item of a message.
+
+    ``ele`` is ``{"type": "video", "video" | "url" | "path": <path | file:// URI | frame list | 4-D array>, ...}``
+    with any :class:`VideoSampling` field (``fps`` or ``nframes``, ``min_frames``, ``max_frames``, ``min_pixels``,
+    ``max_pixels``, ``total_pixels`` (alias ``video_total_pixels``), ``adaptive_budget``, ``resized_height`` /
+    ``resized_width``, ``video_start`` / ``video_end``), ``timeout`` (seconds), and for frame lists
+    ``sample_fps`` (= their ``fps``: the rate they were taken at). Item values override ``sampling`` (the defaults).
 
     Returns ``(frames, info)`` as :func:`read_video` / :func:`read_frame_list`.
+
+    Raises:
+        ValueError: an unknown key (named, with the closest known key: ``max_frame`` -> ``max_frames``), no or
+        several sources, bad values; the readers' errors.
     """
-    opts: dict[str, Any] = dict(defaults)
-    for key in VIDEO_EXTRA_KEYS + ("video_start", "video_end", "adaptive_budget", "timeout"):
-        if key in ele and ele[key] is not None:
-            opts[key] = ele[key]
-    if ele.get("video_total_pixels") is not None:
-        opts["total_pixels"] = ele["video_total_pixels"]
-    source = ele.get("video")
-    if source is None:
-        raise ValueError(f"video element without a 'video' entry: {sorted(ele)}")
-    if isinstance(source, (str, os.PathLike)):
-        return read_video(os.fspath(source), num_videos=num_videos, **opts)
-    for key in ("video_start", "video_end", "adaptive_budget", "timeout"):
-        opts.pop(key, None)
-    return read_frame_list(source, num_videos=num_videos, **opts)
+    source = _media_source(ele, VIDEO_SOURCE_KEYS, "video")
+    where = "a video item"
+    ignore = ("type",) + VIDEO_SOURCE_KEYS + VIDEO_READER_KEYS
+    is_file = isinstance(source, (str, os.PathLike))
+    item_options = dict(ele)
+    if not is_file:  # a frame list: fps / sample_fps are the frames' own rate
+        frames_fps = ele.get("sample_fps", ele.get("fps"))
+        item_options.pop("fps", None)
+        sampling = VideoSampling.from_mapping(item_options, sampling, ignore=ignore + ("fps",), where=where)
+        return read_frame_list(source, sampling, frames_fps=frames_fps, num_videos=num_videos)
+    if ele.get("sample_fps") is not None:
+        raise ValueError("sample_fps is the rate of a video given as a frame list; for a file use fps")
+    sampling = VideoSampling.from_mapping(item_options, sampling, ignore=ignore, where=where)
+    item_timeout = ele.get("timeout", timeout)
+    return read_video(os.fspath(source), sampling, num_videos=num_videos, timeout=item_timeout)
 
 
 def process_vision_info(
     conversations: Sequence[dict] | Sequence[Sequence[dict]],
     return_video_kwargs: bool = True,
+    sampling: VideoSampling | None = None,
     **video_defaults: Any,
 ) -> tuple[list[Image.Image] | None, list[torch.Tensor] | None, dict[str, list]]:
     """Load the images and videos of chat messages for :class:`KeyeVL2Processor` (keye-vl-utils compatible).
 
     Accepts the qwen-vl-utils message format: ``[{"role": "user", "content": [{"type": "image", "image": ...},
     {"type": "video", "video": "file:///a.mp4", "fps": 1.0, "max_pixels": ...}, {"type": "text", "text": ...}]}]``
-    or a list of such conversations. Images may be PIL images, local paths, ``file://`` URIs, ``data:`` URIs or
-    URLs; videos may be paths/URIs/URLs (decoded with PyAV) or lists of frames / 4-D arrays. Per-item keys: images
-    ``min_pixels``, ``max_pixels``, ``resized_height``, ``resized_width``; videos ``fps``, ``min_frames``,
-    ``max_frames``, ``min_pixels``, ``max_pixels``, ``total_pixels``, ``video_start``, ``video_end``,
-    ``adaptive_budget``. Keyword arguments (same names) set defaults for every video.
+    or a list of such conversations, and transformers' chat-template items (``{"type": "image", "url" | "path" |
+    "base64": ...}``, ``{"type": "video", "url" | "path": ...}``; local paths only: this package fetches nothing).
+    Images may be PIL images, local paths, ``file://`` URIs or ``data:`` URIs; videos may be paths / URIs (decoded
+    with PyAV) or lists of frames / 4-D arrays. Per-item keys: images ``min_pixels``, ``max_pixels``,
+    ``resized_height``, ``resized_width``; videos the :class:`VideoSampling` fields (see :func:`fetch_video`).
+    Unknown keys raise ``ValueError`` naming them. ``sampling`` / ``**video_defaults`` (field names) set the
+    defaults for every video.
 
-    The video budget (184,320 tokens) is shared by the videos of one conversation (spec section 7).
+    The video budget (184,320 tokens) is shared by the videos of one conversation.
 
     Returns:
         ``(images, videos, video_kwargs)``:
@@ -1208,14 +1374,17 @@ def process_vision_info(
           ``None``;
         - ``video_kwargs``: dict of per-video lists, to pass as ``processor(..., **video_kwargs)``:
           ``timestamps`` (list[float] seconds, index / fps, or ``None``), ``height``/``width`` (the frame size),
-          ``frame_indices`` (ordinals in the source), ``video_fps`` (source frame rate), ``total_frames``.
+          ``frame_indices`` (indices in the source), ``video_fps`` (source frame rate), ``total_frames``.
           Always returned (three values, like keye-vl-utils); ``return_video_kwargs`` is accepted for
           qwen-vl-utils call compatibility.
 
     Raises:
-        FileNotFoundError, VideoReadError, ValueError (empty frame list, bad aspect ratio), TimeoutError.
+        FileNotFoundError, VideoReadError, ValueError (unknown key, empty frame list, bad aspect ratio, bad values),
+        TimeoutError.
     """
     del return_video_kwargs
+    timeout = video_defaults.pop("timeout", None)
+    base = VideoSampling.from_mapping(video_defaults, sampling, where="process_vision_info's keyword arguments")
     images: list[Image.Image] = []
     videos: list[torch.Tensor] = []
     video_kwargs: dict[str, list] = {
@@ -1227,12 +1396,12 @@ def process_vision_info(
         "total_frames": [],
     }
     for infos in extract_vision_info(conversations):
-        num_videos = sum(1 for ele in infos if _is_media(ele, "video") and not _is_media(ele, "image"))
+        num_videos = sum(1 for ele in infos if _media_kind(ele) == "video")
         for ele in infos:
-            if _is_media(ele, "image") and not ("video" in ele):
+            if _media_kind(ele) == "image":
                 images.append(fetch_image(ele))
             else:
-                frames, info = fetch_video(ele, num_videos=max(num_videos, 1), **video_defaults)
+                frames, info = fetch_video(ele, num_videos=max(num_videos, 1), sampling=base, timeout=timeout)
                 videos.append(frames)
                 video_kwargs["timestamps"].append(info["timestamps"])
                 video_kwargs["height"].append(info["resized_height"])
@@ -1257,6 +1426,7 @@ __all__ = [
     "VIDEO_TOTAL_PIXELS",
     "VIDEO_TOTAL_TOKENS",
     "VideoReadError",
+    "VideoSampling",
     "decode_frames",
     "extract_vision_info",
     "fetch_image",

@@ -238,13 +238,20 @@ def test_frame_list_without_fps_has_no_times(processor):
 
 def test_two_videos_share_the_budget():
     """The budget is per prompt: two long (synthetic) videos in one prompt get half each (spec section 7)."""
-    vp = KeyeVL2VideoProcessor()
-    frames = torch.zeros(1200, 3, 56, 100, dtype=torch.uint8)
-    one = vp.frame_size_for(1200, 720, 1280)  # T = 154
-    two = vp.frame_size_for(1200, 720, 1280, num_videos=2)  # budget 92160: T = 77
+    from keye_vl.processing.vision_process_keye_vl_2 import VideoSampling, plan_video
+
+    plans = [plan_video(1200, 2.0, 720, 1280, VideoSampling(nframes=1200), num_videos=n) for n in (1, 2)]
+    one, two = [(p["resized_height"], p["resized_width"]) for p in plans]  # T = 154; budget 92160: T = 77
+    assert [p["tokens_per_frame_cap"] for p in plans] == [154, 77]
     assert one[0] * one[1] <= 154 * PX and two[0] * two[1] <= 77 * PX and two[0] * two[1] > 64 * PX
     assert one == ref_smart_resize(720, 1280, 64 * PX, 154 * PX) and two == ref_smart_resize(720, 1280, 64 * PX, 77 * PX)
-    del frames
+    # the video processor sizes already-sampled frames with the same plan (2 x 1200 frames of 720 x 1280 would be
+    # 6.6 GB; 40 frames of 280 x 504 under a 40 x 64-token budget give T = 65 for one video, 64 (the floor) for two)
+    vp = KeyeVL2VideoProcessor(total_pixels=40 * 64 * PX)
+    frames = torch.zeros(40, 3, 280, 504, dtype=torch.uint8)
+    for n, tokens in ((1, 65), (2, 64)):
+        grid = vp(frames, num_videos=n)["video_grid_thw"].tolist()[0]
+        assert grid[0] == 40 and (grid[1] * 14, grid[2] * 14) == ref_smart_resize(280, 504, 64 * PX, tokens * PX)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

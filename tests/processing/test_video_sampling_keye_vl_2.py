@@ -292,6 +292,7 @@ _RUNNER = textwrap.dedent(
     # load the reader file alone (no transformers import): the subprocess stays light
     spec = importlib.util.spec_from_file_location("keye_vision_process", sys.argv[2])
     vp = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = vp  # as importlib's docs do (dataclasses look their module up there)
     spec.loader.exec_module(vp)
     result = {}
     with warnings.catch_warnings(record=True) as caught:

@@ -280,3 +280,14 @@ def sparse_attention(q, k, v, indices, *, scaling, return_lse=False):
     out, lse = _SparseAttention.apply(q, k, v, indices, float(scaling))
     return (out, lse) if return_lse else out
 
+
+
+def sparse_attention_fixed(q, k, v, indices, *, scaling):
+    """Forward-only :func:`sparse_attention` for a decode step on a static cache: shapes are checked by the
+    caller once per generate call, nothing is read back to the host, so the launch can be captured in a CUDA graph.
+
+    Args: as :func:`sparse_attention` (k / v may be the whole cache buffer; entries outside ``[0, S)`` and ``-1``
+    are empty). Returns out ``[B, T, Hq, Dv]`` in q's dtype (no autograd).
+    """
+    q, k, v, indices = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, indices))
+    return _sparse_attn_fwd(q, k, v, indices, float(scaling))[0]

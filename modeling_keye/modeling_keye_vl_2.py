@@ -31,10 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.activations import ACT2FN
-from transformers import cache_utils as _cache_utils
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
@@ -46,7 +44,9 @@ from .configuration_keye_vl_2 import (
     check_prefill_chunk_size,
     keye_generation_config,
 )
+from .cache_keye_vl_2 import KeyeVL2Cache, KeyeVL2CacheLayer, KeyeVL2StaticCache, update_indexer_cache
 from . import keye_dsa_reference as dsa_reference  # noqa: E402  (plain-torch DSA, always available)
+from .keye_dsa_decode import decode_topk_indices, sparse_attention_decode
 from .keye_dsa_reference import hadamard_transform
 
 try:  # Triton kernels: optional (no GPU, no triton, or an old triton)
@@ -57,8 +57,6 @@ except Exception:  # pragma: no cover - depends on the machine
     _HAS_TRITON = False
 
 logger = logging.get_logger(__name__)
-# transformers' own DSA cache layer (5.1x+); converted into ours when a cache holding it is wrapped
-DynamicIndexedLayer = getattr(_cache_utils, "DynamicIndexedLayer", DynamicLayer)
 
 
 # transformers 5.2x renamed the cache field of model outputs from `past_key_values` to `cache` (and turned
@@ -123,273 +121,6 @@ class KeyeVL2CausalLMOutput(ModelOutput):
     rope_deltas: torch.LongTensor | None = None
 
 
-# ======================================================================================================
-# Cache: K/V per layer (transformers' DynamicCache) + DSA indexer keys per layer
-# ======================================================================================================
-class KeyeVL2CacheLayer(DynamicLayer):
-    """One decoder layer's cache: K/V and DSA indexer keys in buffers that grow by capacity, not by ``torch.cat``.
-
-    Storage is token-major, the layout the DSA kernels read (spec ``dsa_kernels.md``: the 4 KV heads of one
-    token contiguous): ``_k``/``_v`` [B, capacity, H_kv, D] and ``_ik`` [B, capacity, D_I], all in the dtype of
-    the first update. ``keys`` / ``values`` are views [B, H_kv, S, D] (``_k[:, :S].transpose(1, 2)``) and
-    ``indexer_keys`` a view [B, S, D_I], so the transformers Cache API sees a ``DynamicLayer``.
-
-    Growth: when an update does not fit, the capacity becomes ``max(needed, growth * capacity)`` rounded up to
-    ``block`` tokens, and only the filled part is copied once. A step therefore writes only its new tokens
-    (``DynamicLayer``'s ``torch.cat`` copies the whole layer every step: O(S^2) bytes over a generation),
-    and the spare room is at most ``growth - 1`` of the length (25% by default); ``reserve(n)`` sizes it
-    exactly in advance. ``crop`` only moves the length; batch operations keep the capacity.
-
-    Under autograd (an update whose inputs require grad) it falls back to out-of-place concatenation, so no
-    tensor saved for backward is ever written in place.
-    """
-
-    _layer_type = None  # never replace transformers' global layer-type mapping
-
-    def __init__(self, capacity: int | None = None, growth: float = 1.25, block: int = 256, **kwargs):
-        super().__init__(**kwargs)
-        if growth <= 1.0:
-            raise ValueError(f"KeyeVL2CacheLayer growth must be > 1, got {growth}")
-        self.capacity_hint = int(capacity) if capacity else 0
-        self.growth = float(growth)
-        self.block = max(1, int(block))
-        self._k = self._v = self._ik = None  # [B, cap, H, D], [B, cap, H, D], [B, cap, D_I]
-        self._len = 0  # tokens in _k / _v
-        self._ilen = 0  # tokens in _ik
-        self.indexer_keys: torch.Tensor | None = None
-
-    # ---------------------------------------------------------------- helpers
-    def _round(self, n: int) -> int:
-        return -(-int(n) // self.block) * self.block
-
-    def _grown(self, buf: torch.Tensor | None, filled: int, needed: int, shape_tail, dtype, device,
-               min_capacity: int = 0) -> torch.Tensor:
-        """A buffer [B, cap, *tail] with cap >= needed holding ``buf[:, :filled]`` (``buf`` itself if it fits)."""
-        cap = 0 if buf is None else buf.shape[1]
-        if buf is not None and needed <= cap:
-            return buf
-        new_cap = self._round(max(needed, int(cap * self.growth), self.capacity_hint, min_capacity))
-        B = shape_tail[0]
-        new = torch.empty((B, new_cap, *shape_tail[1:]), dtype=dtype, device=device)
-        if filled:
-            new[:, :filled].copy_(buf[:, :filled])
-        return new
-
-    def _refresh(self) -> None:
-        if self._k is not None:
-            self.keys = self._k[:, : self._len].transpose(1, 2)
-            self.values = self._v[:, : self._len].transpose(1, 2)
-        if self._ik is not None:
-            self.indexer_keys = self._ik[:, : self._ilen]
-
-    def _compatible(self, buf: torch.Tensor | None, x: torch.Tensor, tail) -> bool:
-        return buf is not None and buf.device == x.device and tuple(buf.shape[2:]) == tuple(tail) and buf.shape[0] == x.shape[0]
-
-    # ---------------------------------------------------------------- CacheLayerMixin API
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Record dtype/device; allocate ``capacity_hint`` tokens when one was given (else on first update)."""
-        self.dtype, self.device = key_states.dtype, key_states.device
-        B, H, _, D = key_states.shape
-        if self.capacity_hint and not self._compatible(self._k, key_states, (H, D)):
-            self._k = torch.empty(B, self._round(self.capacity_hint), H, D, dtype=key_states.dtype, device=self.device)
-            self._v = torch.empty(B, self._round(self.capacity_hint), H, value_states.shape[-1],
-                                  dtype=value_states.dtype, device=self.device)
-        elif self._k is None:
-            self._k = key_states.new_empty(B, 0, H, D)
-            self._v = value_states.new_empty(B, 0, H, value_states.shape[-1])
-        self._len = 0
-        self.is_initialized = True
-        self._refresh()
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append key/value states [B, H_kv, T, D]; return all keys and values [B, H_kv, S, D] (views)."""
-        B, H, T, D = key_states.shape
-        if not self.is_initialized or not self._compatible(self._k, key_states, (H, D)):
-            if self.is_initialized and self._len:
-                raise ValueError(
-                    f"KeyeVL2CacheLayer holds {self._len} tokens of shape {tuple(self._k.shape[:1]) + tuple(self._k.shape[2:])} "
-                    f"(batch, heads, dim); cannot append states of shape {tuple(key_states.shape)} (reset() the cache first)"
-                )
-            self._k = self._v = None
-            self.lazy_initialization(key_states, value_states)
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            keys = key_states if self._len == 0 else torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)
-            values = value_states if self._len == 0 else torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)
-            self._k, self._v = keys.transpose(1, 2), values.transpose(1, 2)
-            self._len = keys.shape[-2]
-            self._refresh()
-            return self.keys, self.values
-        L = self._len
-        self._k = self._grown(self._k, L, L + T, (B, H, D), self._k.dtype, key_states.device)
-        self._v = self._grown(self._v, L, L + T, (B, H, value_states.shape[-1]), self._v.dtype, value_states.device)
-        self._k[:, L : L + T].copy_(key_states.transpose(1, 2))
-        self._v[:, L : L + T].copy_(value_states.transpose(1, 2))
-        self._len = L + T
-        self._refresh()
-        return self.keys, self.values
-
-    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
-        """Append indexer keys [B, T, D_I]; return all of them [B, S, D_I] (a view)."""
-        B, T, Di = indexer_key_states.shape
-        if not self._compatible(self._ik, indexer_key_states, (Di,)):
-            if self._ik is not None and self._ilen:
-                raise ValueError(
-                    f"KeyeVL2CacheLayer holds {self._ilen} indexer keys of shape {tuple(self._ik.shape)}; cannot append "
-                    f"{tuple(indexer_key_states.shape)} (reset() the cache first)"
-                )
-            self._ik, self._ilen = indexer_key_states.new_empty(B, 0, Di), 0
-        if torch.is_grad_enabled() and indexer_key_states.requires_grad:
-            ik = indexer_key_states if self._ilen == 0 else torch.cat(
-                [self.indexer_keys.to(indexer_key_states.dtype), indexer_key_states], dim=1)
-            self._ik, self._ilen = ik, ik.shape[1]
-        else:
-            L = self._ilen
-            kv_cap = self._k.shape[1] if self._k is not None else 0  # grow in step with K/V
-            self._ik = self._grown(self._ik, L, L + T, (B, Di), self._ik.dtype, indexer_key_states.device, kv_cap)
-            self._ik[:, L : L + T].copy_(indexer_key_states)
-            self._ilen = L + T
-        self._refresh()
-        return self.indexer_keys
-
-    def get_seq_length(self) -> int:
-        return self._len if self.is_initialized else 0
-
-    def reserve(self, total_tokens: int) -> None:
-        """Make room for ``total_tokens`` tokens now (one copy of what is filled), and for layers not yet
-        allocated, allocate that many on the first update."""
-        self.capacity_hint = max(self.capacity_hint, int(total_tokens))
-        if self._k is not None and self._k.shape[1] < total_tokens and not self._k.requires_grad:
-            self._k = self._grown(self._k, self._len, total_tokens, (self._k.shape[0], *self._k.shape[2:]), self._k.dtype, self._k.device)
-            self._v = self._grown(self._v, self._len, total_tokens, (self._v.shape[0], *self._v.shape[2:]), self._v.dtype, self._v.device)
-        if self._ik is not None and self._ik.shape[1] < total_tokens and not self._ik.requires_grad:
-            self._ik = self._grown(self._ik, self._ilen, total_tokens, (self._ik.shape[0], self._ik.shape[2]), self._ik.dtype, self._ik.device)
-        self._refresh()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Negative n: drop the last -n tokens (transformers >= 5.18 convention); positive n: keep the first n
-        (the older absolute-length convention, still sent by 5.17's deprecated path); 0: nothing."""
-        if not self.is_initialized or tokens_to_remove == 0:
-            return
-        keep = max(0, self._len + tokens_to_remove) if tokens_to_remove < 0 else min(self._len, tokens_to_remove)
-        self._len = keep
-        self._ilen = min(self._ilen, keep)
-        self._refresh()
-
-    def _apply_batch(self, fn) -> None:
-        for name in ("_k", "_v", "_ik"):
-            buf = getattr(self, name)
-            if buf is not None:
-                setattr(self, name, fn(buf))
-        self._refresh()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
-
-    def reset(self) -> None:
-        """Empty the layer but keep its buffers (the next prompt reuses the memory; a different batch size or
-        head shape reallocates)."""
-        self._len = self._ilen = 0
-        self._refresh()
-
-    def offload(self):
-        if self.is_initialized:
-            self._apply_batch(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self):
-        if self.is_initialized and self._k is not None and self._k.device != self.device:
-            self._apply_batch(lambda t: t.to(self.device, non_blocking=True))
-
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes allocated (capacity) and used (filled) by this layer's K/V and indexer-key buffers."""
-        kv_tok = sum(b[0, 0].numel() * b.element_size() * b.shape[0] for b in (self._k, self._v) if b is not None and b.shape[1])
-        ik_tok = self._ik[0, 0].numel() * self._ik.element_size() * self._ik.shape[0] if self._ik is not None and self._ik.shape[1] else 0
-        return {
-            "kv_allocated": kv_tok * (self._k.shape[1] if self._k is not None else 0),
-            "kv_used": kv_tok * self._len,
-            "indexer_allocated": ik_tok * (self._ik.shape[1] if self._ik is not None else 0),
-            "indexer_used": ik_tok * self._ilen,
-        }
-
-
-class KeyeVL2Cache(DynamicCache):
-    """``DynamicCache`` whose layers are :class:`KeyeVL2CacheLayer`: K/V plus DSA indexer keys ([B, S, D_I],
-    spec section 3 item 5), grown by capacity instead of copied every step.
-
-    Args (besides ``DynamicCache``'s):
-        capacity: tokens to allocate per layer on the first update (e.g. prompt + max_new_tokens); None grows.
-        growth: capacity factor when an update does not fit (> 1; 1.25 wastes at most 25%).
-        block: capacities are rounded up to a multiple of this many tokens.
-
-    Works with the cache API of transformers 5.17 through 5.x (``update``, ``update_indexer``,
-    ``get_seq_length``, ``crop`` in both conventions, ``reorder_cache``, ``reset``, ``batch_*``). ``indexer_keys``
-    maps layer index -> [B, S, D_I] view.
-    """
-
-    def __init__(self, *args, capacity: int | None = None, growth: float = 1.25, block: int = 256, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.capacity = capacity
-        self.growth = growth
-        self.block = block
-        if self.layer_class_to_replicate is not None:
-            self.layer_class_to_replicate = self._new_layer
-        self.layers = [self._convert(layer) for layer in self.layers]
-
-    def _new_layer(self) -> KeyeVL2CacheLayer:
-        return KeyeVL2CacheLayer(capacity=self.capacity, growth=self.growth, block=self.block)
-
-    def _convert(self, layer):
-        if isinstance(layer, KeyeVL2CacheLayer) or type(layer) not in (DynamicLayer, DynamicIndexedLayer):
-            return layer
-        new = self._new_layer()
-        if layer.is_initialized and layer.get_seq_length() > 0:
-            with torch.no_grad():
-                new.update(layer.keys, layer.values)
-                if getattr(layer, "indexer_keys", None) is not None and layer.indexer_keys.numel():
-                    new.update_indexer(layer.indexer_keys)
-        return new
-
-    def _layer(self, layer_idx: int) -> KeyeVL2CacheLayer:
-        while len(self.layers) <= layer_idx:
-            self.layers.append(self._new_layer())
-        return self.layers[layer_idx]
-
-    def update_indexer(self, indexer_keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Append ``indexer_keys`` [B, T, D_I] for ``layer_idx``; return all cached keys [B, S, D_I]."""
-        return self._layer(layer_idx).update_indexer(indexer_keys)
-
-    @property
-    def indexer_keys(self) -> dict[int, torch.Tensor]:
-        """Layer index -> cached indexer keys [B, S, D_I] (views)."""
-        return {i: l.indexer_keys for i, l in enumerate(self.layers) if getattr(l, "indexer_keys", None) is not None}
-
-    def reserve(self, total_tokens: int) -> None:
-        """Size every layer (present and future) for ``total_tokens`` tokens, e.g. prompt + max_new_tokens."""
-        self.capacity = max(self.capacity or 0, int(total_tokens))
-        for layer in self.layers:
-            if isinstance(layer, KeyeVL2CacheLayer):
-                layer.reserve(total_tokens)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Negative: drop the last -n tokens; positive: keep the first n (older convention); 0: nothing."""
-        for layer in self.layers:
-            layer.crop(tokens_to_remove)
-
-    def memory_bytes(self) -> dict[str, int]:
-        """Summed :meth:`KeyeVL2CacheLayer.memory_bytes` over the layers."""
-        total = {"kv_allocated": 0, "kv_used": 0, "indexer_allocated": 0, "indexer_used": 0}
-        for layer in self.layers:
-            if isinstance(layer, KeyeVL2CacheLayer):
-                for key, val in layer.memory_bytes().items():
-                    total[key] += val
-        return total
-
-
 def _with_cache(output: ModelOutput, cache: Cache | None) -> ModelOutput:
     """Attach the cache under this transformers version's field name (see ``_CACHE_FIELD``)."""
     if cache is not None:
@@ -400,32 +131,6 @@ def _with_cache(output: ModelOutput, cache: Cache | None) -> ModelOutput:
 def output_cache(output: ModelOutput) -> Cache | None:
     """The cache of a model output, whatever this transformers version calls it."""
     return output.get(_CACHE_FIELD)
-
-
-def _update_indexer_cache(cache: Cache | None, indexer_keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
-    """Store this step's indexer keys [B, T, D_I] in ``cache`` and return the full history [B, S, D_I].
-
-    A :class:`KeyeVL2Cache` (or any Cache whose layer has ``update_indexer``, e.g. transformers'
-    ``DynamicIndexedLayer``) keeps them in the layer, so crop / reorder / batch operations apply to them.
-    Any other Cache gets them beside it (same numbers; crop and reorder do not reach them).
-    """
-    if cache is None:
-        return indexer_keys
-    if isinstance(cache, KeyeVL2Cache):
-        return cache.update_indexer(indexer_keys, layer_idx)
-    layers = getattr(cache, "layers", None)
-    if layers is not None and layer_idx < len(layers) and hasattr(layers[layer_idx], "update_indexer"):
-        return layers[layer_idx].update_indexer(indexer_keys)
-    if not cache.__dict__.get("_keye_indexer_warned"):
-        cache.__dict__["_keye_indexer_warned"] = True
-        logger.warning(
-            f"{type(cache).__name__} has no indexer-key layers: the DSA indexer keys are kept beside it and are not "
-            "cropped or reordered with it; pass a KeyeVL2Cache for beam search or assisted decoding"
-        )
-    store = cache.__dict__.setdefault("_keye_indexer_keys", {})
-    old = store.get(layer_idx)
-    store[layer_idx] = indexer_keys if old is None else torch.cat([old, indexer_keys], dim=1)
-    return store[layer_idx]
 
 
 # ======================================================================================================
@@ -651,23 +356,88 @@ def sdpa_attention(q, k, v, mask, scaling, dropout=0.0, training=False, is_causa
     return out.transpose(1, 2), None
 
 
-def dsa_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, indices=None, **kwargs):
+def eager_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """``AttentionInterface`` signature of :func:`eager_attention`: (out [B, T, Hq, D], probs [B, Hq, T, S])."""
+    return eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
+
+
+def sdpa_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """``AttentionInterface`` signature of :func:`sdpa_attention` (causal when ``attention_mask`` is None)."""
+    return sdpa_attention(query, key, value, attention_mask, scaling, dropout, module.training,
+                          is_causal=attention_mask is None)
+
+
+def dsa_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, indices=None,
+                          fixed_shapes=False, **kwargs):
     """Sparse attention registered in transformers' ``AttentionInterface`` under the DSA names.
 
     Args: query [B, Hq, T, D], key/value [B, Hkv, S, D] (model layout), ``indices`` [B, T, K] int64 (-1 empty),
-    one list per query token shared by all heads. Returns (out [B, T, Hq, D], None).
+    one list per query token shared by all heads. ``fixed_shapes=True`` (a decode step on a static cache, where
+    S is the capacity): no input checks that read device values; the Triton forward on CUDA, else the plain-torch
+    :func:`sparse_attention_decode`. Returns (out [B, T, Hq, D], None).
     """
     if indices is None:
         raise ValueError("DSA attention needs `indices` (top-k key positions) from the lightning indexer")
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     backend = _dsa_backend(module.config._attn_implementation, query.device)
-    out = backend.sparse_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), indices, scaling=scaling
-    )
-    return out, None
+    if fixed_shapes:
+        if backend is dsa_triton and not torch.is_grad_enabled():
+            return dsa_triton.sparse_attention_fixed(q, k, v, indices, scaling=scaling), None
+        return sparse_attention_decode(q, k, v, indices, scaling=scaling), None
+    return backend.sparse_attention(q, k, v, indices, scaling=scaling), None
 
 
 for _name in DSA_ATTN_IMPLEMENTATIONS:  # makes from_pretrained(..., attn_implementation="dsa") valid
     AttentionInterface.register(_name, dsa_attention_forward)
+
+# Every attention core (eager, sdpa, DSA) is looked up here: an ``AttentionInterface`` with two local entries,
+# our eager / sdpa (fully masked padding rows give 0, GQA decode without repeat_kv); every other name (the DSA ones
+# above, or a kernel a user registered with ``AttentionInterface.register``) resolves through transformers' global
+# mapping (the per-file override pattern of ``transformers.utils.generic.GeneralInterface``).
+ALL_ATTENTION_FUNCTIONS = AttentionInterface()
+ALL_ATTENTION_FUNCTIONS["eager"] = eager_attention_forward
+ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward
+
+
+@dataclass
+class AttentionContext:
+    """What every decoder layer of one forward needs besides its hidden states, built once by the text model.
+
+    Attributes:
+        q_offset: position of the first query among the keys: an int (dynamic cache / no cache / static-cache
+            prefill) or a 0-d int64 device tensor (static-cache decode).
+        key_mask: [B, S] bool padding mask of the keys, or None (no padding).
+        segment_ids: [B, S] int64 packed-sequence ids, or None.
+        kv_end: static-cache prefill: the host-known filled length to slice the buffers to; else None.
+        static_decode: True for a decode step on a :class:`KeyeVL2StaticCache` (keys = the whole buffer).
+        allowed: static decode: [B, T, C] bool, key s may be read by query t (causal and not padding).
+        mask: the dense boolean mask [B, 1, T, S] (True = attend), built at most once (lazily, for eager / sdpa).
+    """
+
+    q_offset: int | torch.Tensor
+    T: int
+    S: int
+    batch: int
+    key_mask: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
+    kv_end: int | None = None
+    static_decode: bool = False
+    allowed: torch.Tensor | None = None
+    _mask: Any = None
+    _mask_built: bool = False
+
+    def dense_mask(self, impl: str, device: torch.device) -> torch.Tensor | None:
+        """[B, 1, T, S] bool, or None where sdpa can run plainly causal (no padding, no segments, T == S)."""
+        if self.static_decode:
+            return self.allowed[:, None]
+        need = self.key_mask is not None or self.segment_ids is not None or self.T != self.S
+        if not need and impl != "eager":
+            return None
+        if not self._mask_built:
+            self._mask = build_dense_mask(self.T, self.S, self.q_offset, self.key_mask, self.segment_ids, device,
+                                          self.batch)
+            self._mask_built = True
+        return self._mask
 
 
 class KeyeVL2Attention(nn.Module):
@@ -701,8 +471,7 @@ class KeyeVL2Attention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         indexer_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        key_mask: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
+        attn_context: "AttentionContext",
         past_key_values: Cache | None = None,
         indexer_loss: str | None = None,
         output_attentions: bool = False,
@@ -712,12 +481,12 @@ class KeyeVL2Attention(nn.Module):
         Args:
             hidden_states: [B, T, hidden] (after input_layernorm).
             position_embeddings: (cos, sin) [B, T, head_dim] fp32; indexer_position_embeddings: [B, T, D_I].
-            key_mask: [B, S] bool/int, False/0 = padding key (S = cached + current tokens).
-            segment_ids: [B, S] int64 packed-sequence ids (attention stays inside one segment).
+            attn_context: masks and offsets of this forward, built once for all layers (:class:`AttentionContext`).
             indexer_loss: None, "dense" (warm-up KL against dense attention) or "sparse" (KL on the top-k set).
         Returns:
             (output [B, T, hidden], attention probs or None, indexer KL scalar or None)
         """
+        ctx = attn_context
         B, T, _ = hidden_states.shape
         impl = self.config._attn_implementation or "sdpa"
         cos, sin = position_embeddings
@@ -729,8 +498,9 @@ class KeyeVL2Attention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast + fp32 norm weights: one dtype for every core
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        S = k.shape[2]
-        q_offset = S - T
+            if ctx.kv_end is not None:  # static cache, host-known length (prefill): the filled part only
+                k, v = k[:, :, : ctx.kv_end], v[:, :, : ctx.kv_end]
+        q_offset = ctx.q_offset
 
         use_dsa = impl in DSA_ATTN_IMPLEMENTATIONS
         if (use_dsa or indexer_loss) and self.sa_indexer is None:
@@ -740,33 +510,33 @@ class KeyeVL2Attention(nn.Module):
             # In training the indexer learns only from its KL: its input is detached (spec section 3).
             x_idx = hidden_states.detach() if indexer_loss else hidden_states
             iq, iw, ik = self.sa_indexer(x_idx, *indexer_position_embeddings)
-            ik = _update_indexer_cache(past_key_values, ik, self.layer_idx)
+            ik = update_indexer_cache(past_key_values, ik, self.layer_idx)
+            if ctx.kv_end is not None:
+                ik = ik[:, : ctx.kv_end]
 
         probs = None
+        attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
         if use_dsa:
-            backend = _dsa_backend(impl, hidden_states.device)
-            with torch.no_grad():
-                indices = backend.dsa_topk_indices(
-                    iq, iw, ik, self.sa_indexer.topk, q_offset=q_offset, key_mask=key_mask, segment_ids=segment_ids
-                )
-            attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, dsa_attention_forward)
-            out, _ = attn_fn(self, q, k, v, None, scaling=self.scaling, dropout=0.0, indices=indices)
+            if ctx.static_decode:
+                indices = decode_topk_indices(iq, iw, ik, ctx.allowed, self.sa_indexer.topk)
+            else:
+                backend = _dsa_backend(impl, hidden_states.device)
+                with torch.no_grad():
+                    indices = backend.dsa_topk_indices(
+                        iq, iw, ik, self.sa_indexer.topk, q_offset=q_offset, key_mask=ctx.key_mask,
+                        segment_ids=ctx.segment_ids,
+                    )
+            out, _ = attn_fn(self, q, k, v, None, scaling=self.scaling, dropout=0.0, indices=indices,
+                             fixed_shapes=ctx.static_decode)
         else:
             if impl not in SUPPORTED_ATTN_IMPLEMENTATIONS:
                 raise ValueError(
                     f"KeyeVL2 does not support attn_implementation={impl!r}; use one of {SUPPORTED_ATTN_IMPLEMENTATIONS}"
                 )
-            need_mask = key_mask is not None or segment_ids is not None or T != S
-            mask = (
-                build_dense_mask(T, S, q_offset, key_mask, segment_ids, q.device, B)
-                if need_mask or impl == "eager"
-                else None
-            )
             dropout = self.attention_dropout if self.training else 0.0
-            if impl == "eager" or output_attentions:
-                out, probs = eager_attention(q, k, v, mask, self.scaling, dropout, self.training)
-            else:
-                out, _ = sdpa_attention(q, k, v, mask, self.scaling, dropout, self.training, is_causal=mask is None)
+            if output_attentions and impl != "eager":
+                attn_fn = eager_attention_forward
+            out, probs = attn_fn(self, q, k, v, ctx.dense_mask(impl, q.device), scaling=self.scaling, dropout=dropout)
 
         kl = None
         if indexer_loss:
@@ -774,7 +544,7 @@ class KeyeVL2Attention(nn.Module):
             kl = backend.indexer_kl_loss(
                 q.detach().transpose(1, 2), k.detach().transpose(1, 2), self.scaling, iq, iw, ik,
                 indices=indices if indexer_loss == "sparse" else None,
-                q_offset=q_offset, key_mask=key_mask, segment_ids=segment_ids,
+                q_offset=q_offset, key_mask=ctx.key_mask, segment_ids=ctx.segment_ids,
             )
         out = self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype))
         return out, probs, kl
@@ -1047,8 +817,7 @@ class KeyeVL2DecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings=None,
         indexer_position_embeddings=None,
-        key_mask=None,
-        segment_ids=None,
+        attn_context=None,
         past_key_values=None,
         indexer_loss=None,
         output_attentions=False,
@@ -1056,9 +825,8 @@ class KeyeVL2DecoderLayer(GradientCheckpointingLayer):
     ):
         residual = hidden_states
         attn_out, probs, kl = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, indexer_position_embeddings,
-            key_mask=key_mask, segment_ids=segment_ids, past_key_values=past_key_values,
-            indexer_loss=indexer_loss, output_attentions=output_attentions,
+            self.input_layernorm(hidden_states), position_embeddings, indexer_position_embeddings, attn_context,
+            past_key_values=past_key_values, indexer_loss=indexer_loss, output_attentions=output_attentions,
         )
         hidden_states = residual + attn_out
         residual = hidden_states
@@ -1482,9 +1250,31 @@ class KeyeVL2TextModel(nn.Module):
         indexer_loss: str | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        past_len: int | None = 0,
     ):
         """inputs_embeds [B, T, hidden], position_ids [3, B, T] -> (hidden [B, T, hidden], hiddens, attns,
-        router logits, list of per-layer KL)."""
+        router logits, list of per-layer KL).
+
+        ``past_len``: cached tokens before this call as a host int, or None for a decode step on a prefilled
+        :class:`KeyeVL2StaticCache` (its length stays on the device). The masks of all layers are built here once.
+        """
+        B, T = inputs_embeds.shape[:2]
+        if isinstance(past_key_values, KeyeVL2StaticCache):
+            if past_len is None:  # decode: fixed shapes, length on the device
+                C = past_key_values.max_cache_len
+                q_start = past_key_values.length_tensor().clone()  # the layers advance it in place
+                q_pos = q_start + torch.arange(T, device=inputs_embeds.device)  # [T]
+                allowed = torch.arange(C, device=inputs_embeds.device)[None, :] <= q_pos[:, None]  # [T, C]
+                allowed = allowed[None] & past_key_values.key_mask[:, None, :]  # [B, T, C]
+                ctx = AttentionContext(q_offset=q_start, T=T, S=C, batch=B, static_decode=True, allowed=allowed)
+            else:
+                past_key_values.set_key_mask(key_mask, past_len, past_len + T, B, inputs_embeds.device)
+                km = None if key_mask is None else past_key_values.key_mask[:, : past_len + T]
+                ctx = AttentionContext(q_offset=past_len, T=T, S=past_len + T, batch=B, key_mask=km,
+                                       segment_ids=segment_ids, kv_end=past_len + T)
+        else:
+            ctx = AttentionContext(q_offset=past_len, T=T, S=past_len + T, batch=B, key_mask=key_mask,
+                                   segment_ids=segment_ids)
         pe = self.rotary_emb(position_ids)
         ipe = self.indexer_rotary_emb(position_ids) if self.indexer_rotary_emb is not None else None
         h = inputs_embeds
@@ -1492,9 +1282,7 @@ class KeyeVL2TextModel(nn.Module):
         for layer in self.layers:
             if output_hidden_states:
                 all_h.append(h)
-            h, probs, router_logits, kl = layer(
-                h, pe, ipe, key_mask, segment_ids, past_key_values, indexer_loss, output_attentions
-            )
+            h, probs, router_logits, kl = layer(h, pe, ipe, ctx, past_key_values, indexer_loss, output_attentions)
             if output_attentions:
                 all_a.append(probs)
             if router_logits is not None:
@@ -1551,12 +1339,18 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
             )
         return inputs_embeds.masked_scatter(mask[..., None].expand_as(inputs_embeds), features.to(inputs_embeds.dtype))
 
-    def embed_inputs(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
-        """Token embeddings with the vision features scattered into the placeholder positions."""
+    def embed_inputs(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                     check_placeholders: bool = True):
+        """Token embeddings with the vision features scattered into the placeholder positions.
+
+        ``check_placeholders=False`` (a static-cache decode step without vision inputs) skips counting the
+        placeholder tokens, a host read; the prompt was checked at prefill."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids)
+        if not check_placeholders and pixel_values is None and pixel_values_videos is None:
+            return inputs_embeds
         if input_ids is not None:
             n_img_tok = int((input_ids == self.config.image_token_id).sum())
             n_vid_tok = int((input_ids == self.config.video_token_id).sum())
@@ -1581,9 +1375,21 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
         return inputs_embeds
 
     def compute_position_ids(self, input_ids, inputs_embeds, attention_mask, image_grid_thw, video_grid_thw,
-                             past_len, segment_ids=None):
-        """[3, B, T] positions: full M-RoPE index at prefill, ``past_len + t + rope_delta`` when decoding."""
+                             past_len, segment_ids=None, cache=None):
+        """[3, B, T] positions: full M-RoPE index at prefill, ``past_len + t + rope_delta`` when decoding.
+
+        ``past_len=None``: a decode step on a prefilled :class:`KeyeVL2StaticCache`; the positions are computed on
+        the device from its length tensor (as transformers' decode positions ``cache_position + rope_delta``)."""
         B, T = inputs_embeds.shape[:2]
+        if past_len is None:
+            deltas = self.rope_deltas
+            if deltas is None:
+                deltas = torch.zeros(B, 1, dtype=torch.long, device=inputs_embeds.device)
+            if deltas.shape[0] != B:  # beam search / num_return_sequences expanded the batch
+                deltas = deltas.repeat_interleave(B // deltas.shape[0], dim=0)
+            start = cache.length_tensor()
+            p = (start + torch.arange(T, device=inputs_embeds.device))[None] + deltas.to(inputs_embeds.device)
+            return p[None].expand(3, B, T), deltas
         if past_len == 0 and input_ids is not None:
             pos, deltas = get_rope_index(
                 input_ids, image_grid_thw, video_grid_thw, attention_mask,
@@ -1639,38 +1445,65 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
                 than ``max_position_embeddings``.
         """
         past_key_values = past_key_values if past_key_values is not None else cache
+        if isinstance(past_key_values, StaticCache):
+            raise ValueError(
+                "transformers' StaticCache returns unmasked full buffers this model cannot read; pass a "
+                "KeyeVL2StaticCache, or generate(..., cache_implementation='static') to have one built"
+            )
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = KeyeVL2Cache()
-        if not use_cache and past_key_values is not None and past_key_values.get_seq_length() == 0:
+        static = isinstance(past_key_values, KeyeVL2StaticCache)
+        static_decode = static and past_key_values.prefilled
+        if not use_cache and not static and past_key_values is not None and past_key_values.get_seq_length() == 0:
             past_key_values = None
         inputs_embeds = self.embed_inputs(
-            input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+            check_placeholders=not static_decode,
         )
         B, T = inputs_embeds.shape[:2]
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_len + T > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {past_len + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
-            )
+        if static_decode:
+            # Fixed shapes and no host read: the length stays on the device, the padding pattern is the prompt's
+            # (kept in the cache), and the capacity was checked once by generate (check_capacity False there).
+            past_len = None
+            if past_key_values.check_capacity and not torch.compiler.is_compiling():
+                filled = int(past_key_values.length_tensor())
+                if filled + T > past_key_values.max_cache_len:
+                    raise ValueError(
+                        f"KeyeVL2StaticCache is full: {filled} cached + {T} new tokens > max_cache_len="
+                        f"{past_key_values.max_cache_len}; build a larger cache (prompt + max_new_tokens)"
+                    )
+        else:
+            past_len = (past_key_values.prefill_length if static else past_key_values.get_seq_length()) if (
+                past_key_values is not None) else 0
+            if static and past_len + T > past_key_values.max_cache_len:
+                raise ValueError(
+                    f"{past_len + T} tokens do not fit the KeyeVL2StaticCache (max_cache_len="
+                    f"{past_key_values.max_cache_len}); build it for prompt + max_new_tokens"
+                )
+            if past_len + T > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence of {past_len + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
+                )
         if position_ids is None or position_ids.dim() == 2:
             if position_ids is not None and position_ids.dim() == 2:
                 position_ids = position_ids[None].expand(3, *position_ids.shape)
                 deltas = None
             else:
                 position_ids, deltas = self.compute_position_ids(
-                    input_ids, inputs_embeds, attention_mask, image_grid_thw, video_grid_thw, past_len, segment_ids
+                    input_ids, inputs_embeds, attention_mask, image_grid_thw, video_grid_thw, past_len, segment_ids,
+                    past_key_values,
                 )
         else:
             deltas = None
         key_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and not static_decode and not bool(attention_mask.all()):
             key_mask = attention_mask.bool()
             if key_mask.shape[1] != past_len + T:
                 raise ValueError(
                     f"attention_mask covers {key_mask.shape[1]} tokens, expected cached + new = {past_len + T}"
                 )
-        if segment_ids is not None and past_len:
+        if segment_ids is not None and (static or past_len):
             raise ValueError("segment_ids (packed sequences) are only supported without a cache")
 
         output_router_logits = (
@@ -1678,7 +1511,8 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
         )
         chunk = check_prefill_chunk_size(self.config.prefill_chunk_size)
         chunks = [(0, T)]
-        if chunk and T > chunk and past_key_values is not None and segment_ids is None and not indexer_loss:
+        if (chunk and T > chunk and past_key_values is not None and segment_ids is None and not indexer_loss
+                and not static_decode):
             chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
         if len(chunks) > 1 and isinstance(past_key_values, KeyeVL2Cache):
             past_key_values.reserve(past_len + T)  # one allocation for the whole chunked prefill
@@ -1688,13 +1522,27 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
             h, hh, aa, rr, kk = self.model(
                 inputs_embeds[:, s:e], position_ids[:, :, s:e], km, segment_ids, past_key_values,
                 indexer_loss, bool(output_attentions), bool(output_hidden_states),
+                None if static_decode else past_len + s,
             )
             hs.append(h), all_h.append(hh), all_a.append(aa), routers.extend(rr), kls.extend(kk)
+        if static and not static_decode:
+            past_key_values.prefill_length = past_len + T
+            past_key_values.prefilled = True
+        hidden_states = attentions = None
+        if output_hidden_states:  # per layer, the whole sequence (chunks joined along the tokens)
+            hidden_states = tuple(torch.cat([c[i] for c in all_h], dim=1) if len(all_h) > 1 else all_h[0][i]
+                                  for i in range(len(all_h[0])))
+        if output_attentions:  # per layer [B, H, T, S]; a chunk's probabilities over keys it cannot see are 0
+            S_all = (past_len if past_len is not None else 0) + T
+            attentions = tuple(
+                torch.cat([F.pad(c[i], (0, S_all - c[i].shape[-1])) for c in all_a], dim=2) if len(all_a) > 1
+                else all_a[0][i] for i in range(len(all_a[0]))
+            )
         hidden = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
         return _with_cache(KeyeVL2ModelOutput(
             last_hidden_state=hidden,
-            hidden_states=tuple(all_h[0]) if output_hidden_states and len(all_h) == 1 else (tuple(all_h[-1]) if output_hidden_states else None),
-            attentions=tuple(all_a[0]) if output_attentions and len(all_a) == 1 else None,
+            hidden_states=hidden_states,
+            attentions=attentions,
             router_logits=tuple(routers) if output_router_logits and routers else None,
             indexer_loss=torch.stack(kls).mean() if kls else None,
             rope_deltas=deltas if deltas is not None else self.rope_deltas,
@@ -1853,9 +1701,30 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
         ), output_cache(out))
 
     # ------------------------------------------------------------------ generation
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        """``generate(..., cache_implementation="static")``: a :class:`KeyeVL2StaticCache` (K/V + indexer keys,
+        preallocated) instead of transformers' ``StaticCache``. Sized like transformers' (the largest
+        ``max_cache_len`` seen by this model, so later calls can reuse compiled graphs)."""
+        if cache_implementation != "static":
+            raise ValueError(
+                f"cache_implementation={cache_implementation!r} is not supported by KeyeVL2; use 'static' (preallocated, "
+                "CUDA graphs on GPU) or leave it unset (the growing default cache)"
+            )
+        effective = max(int(max_cache_len), getattr(self, "_previous_max_cache_length", -1))
+        self._previous_max_cache_length = effective
+        cache = KeyeVL2StaticCache(self.config, max_cache_len=effective)
+        cache.check_capacity = False  # generate sized it for prompt + max_new_tokens
+        return cache
+
+    def create_masks_for_generate(self, *args, **kwargs):
+        """Keep the 2-D ``attention_mask`` when ``generate`` runs a compileable cache (transformers would build a 4-D
+        mask per step): the model builds its masks once per forward, and a static-cache decode step reads the
+        prompt's padding pattern from the cache instead."""
+        return kwargs.get("attention_mask")
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Use :class:`KeyeVL2Cache` (K/V + indexer keys) where ``generate`` would build a plain DynamicCache."""
-        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        """Use :class:`KeyeVL2Cache` (K/V + indexer keys) where ``generate`` would build a plain DynamicCache; check
+        the length limits (and a user-given :class:`KeyeVL2StaticCache`'s room) once, before the first step."""
         # (generation_mode, batch_size, max_cache_length) follow in 5.17 through 5.2x: size the cache once for
         # prompt + max_new_tokens instead of growing it
         max_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
@@ -1865,6 +1734,24 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
                 f"max_position_embeddings={self.config.max_position_embeddings}; shorten the prompt or lower "
                 "max_new_tokens"
             )
+        for key in ("cache", "past_key_values"):
+            user = model_kwargs.get(key)
+            if isinstance(user, StaticCache):
+                raise ValueError(
+                    "transformers' StaticCache cannot hold this model's cache (DSA indexer keys, masked reads); use "
+                    "generate(..., cache_implementation='static') or pass a KeyeVL2StaticCache"
+                )
+            if isinstance(user, KeyeVL2StaticCache):
+                if user.prefilled:
+                    raise ValueError("the KeyeVL2StaticCache passed to generate already holds tokens; call cache.reset()")
+                if isinstance(max_len, int) and max_len > user.max_cache_len:
+                    raise ValueError(
+                        f"prompt + max_new_tokens - 1 = {max_len} tokens do not fit the KeyeVL2StaticCache passed to "
+                        f"generate (max_cache_len={user.max_cache_len}); build it with max_cache_len >= {max_len} or "
+                        "lower max_new_tokens"
+                    )
+                user.check_capacity = False
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         for key in ("cache", "past_key_values"):
             if type(model_kwargs.get(key)) is DynamicCache and model_kwargs[key].get_seq_length() == 0:
                 model_kwargs[key] = KeyeVL2Cache(capacity=int(max_len) if isinstance(max_len, int) and max_len > 0 else None)
@@ -1896,7 +1783,10 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
         index; decode: cache length + rope delta)."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
-        first_step = cache is None or cache.get_seq_length() == 0
+        if isinstance(cache, KeyeVL2StaticCache):
+            first_step = not cache.prefilled  # no host read of the device-side length
+        else:
+            first_step = cache is None or cache.get_seq_length() == 0
         if not first_step:
             for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
                 model_inputs[key] = None

@@ -27,7 +27,8 @@ def test_export_folder_is_flat_and_complete(exported):
     _, folder = exported
     names = {p.name for p in folder.iterdir()}
     kernel_files = {p.name for p in (Path(__file__).resolve().parents[2] / "kernels").glob("keye_dsa_*.py")}
-    assert {"configuration_keye_vl_2.py", "modeling_keye_vl_2.py", "keye_dsa_reference.py"} | kernel_files <= names
+    assert {"configuration_keye_vl_2.py", "modeling_keye_vl_2.py", "cache_keye_vl_2.py",
+            "keye_dsa_reference.py", "keye_dsa_decode.py"} | kernel_files <= names
     assert not any(folder.joinpath(n).is_symlink() for n in names)
     assert "model.safetensors.index.json" in names and len([n for n in names if n.endswith(".safetensors")]) >= 2
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)

@@ -37,6 +37,7 @@ from .configuration_keye_vl_2 import (
     KeyeVL2VisionConfig,
     keye_generation_config,
 )
+from .cache_keye_vl_2 import KeyeVL2StaticCache
 from .modeling_keye_vl_2 import (
     KeyeVL2BaseModelView,
     KeyeVL2Cache,
@@ -92,6 +93,7 @@ __all__ = [
     "KeyeVL2MoeForConditionalGeneration",
     "KeyeVL2MoeModel",
     "KeyeVL2PreTrainedModel",
+    "KeyeVL2StaticCache",
     "KeyeVL2VisionConfig",
     "KEYE_VL2_GENERATION_DEFAULTS",
     "freeze_for_indexer_warmup",

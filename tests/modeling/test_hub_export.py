@@ -27,7 +27,7 @@ def test_export_folder_is_flat_and_complete(exported):
     _, folder = exported
     names = {p.name for p in folder.iterdir()}
     kernel_files = {p.name for p in (Path(__file__).resolve().parents[2] / "kernels").glob("keye_dsa_*.py")}
-    assert {"configuration_keye_vl_2.py", "modeling_keye_vl_2.py", "cache_keye_vl_2.py",
+    assert {"configuration_keye_vl_2.py", "modeling_keye_vl_2.py", "cache_keye_vl_2.py", "moe_keye_vl_2.py",
             "keye_dsa_reference.py", "keye_dsa_decode.py"} | kernel_files <= names
     assert not any(folder.joinpath(n).is_symlink() for n in names)
     assert "model.safetensors.index.json" in names and len([n for n in names if n.endswith(".safetensors")]) >= 2
@@ -48,6 +48,8 @@ def test_export_loads_in_clean_process_with_identical_logits(exported, tmp_path,
     torch.save(ids, tmp_path / "ids.pt")
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits
+        want_gen = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                                  output_logits=True, return_dict_in_generate=True)
     run_clean(
         f"""
         import torch
@@ -59,6 +61,10 @@ def test_export_loads_in_clean_process_with_identical_logits(exported, tmp_path,
         assert model.config._attn_implementation == "dsa", model.config._attn_implementation
         with torch.no_grad():
             torch.save(model(input_ids=ids, use_cache=False).logits, {str(tmp_path / 'got.pt')!r})
+            gen = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                                 output_logits=True, return_dict_in_generate=True)
+            assert type(gen.past_key_values if hasattr(gen, "past_key_values") else gen.cache).__name__ == "KeyeVL2StaticCache"
+            torch.save((gen.sequences, torch.stack(gen.logits)), {str(tmp_path / 'gen.pt')!r})
         assert type(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)).__name__ == "KeyeVL2MoeForConditionalGeneration"
         assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "KeyeVL2MoeModel"
         assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "KeyeVL2Config"
@@ -68,6 +74,8 @@ def test_export_loads_in_clean_process_with_identical_logits(exported, tmp_path,
     )
     got = torch.load(tmp_path / "got.pt")
     assert torch.equal(got, want)
+    seq, logits = torch.load(tmp_path / "gen.pt")  # the static-cache generate path, from the exported files
+    assert torch.equal(seq, want_gen.sequences) and torch.equal(logits, torch.stack(want_gen.logits))
 
 
 def test_official_layout_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path):

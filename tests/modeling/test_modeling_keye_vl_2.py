@@ -394,8 +394,8 @@ def test_bf16_autocast_with_fp32_weights_runs_dsa_and_its_loss():
 
 
 def test_non_reentrant_checkpointing_when_the_grouped_mm_probe_runs_inside_a_layer():
-    modeling = sys.modules[KeyeVL2MoeForConditionalGeneration.__module__]
-    modeling._GROUPED_MM_PROBES.clear()  # the probe first runs inside the first checkpointed layer
+    moe = sys.modules[KeyeVL2MoeForConditionalGeneration.__module__.replace("modeling_keye_vl_2", "moe_keye_vl_2")]
+    moe._GROUPED_MM_PROBES.clear()  # the probe first runs inside the first checkpointed layer
     model = make_model(seed=10).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, 5000, (1, 40), generator=torch.Generator().manual_seed(7))

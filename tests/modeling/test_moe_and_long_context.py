@@ -147,7 +147,7 @@ def test_auto_falls_back_where_grouped_mm_cannot_run():
 
 
 def test_grouped_probe_works_under_inference_mode(monkeypatch):
-    from keye_vl.modeling_keye import modeling_keye_vl_2 as mm
+    from keye_vl.modeling_keye import moe_keye_vl_2 as mm
 
     monkeypatch.setattr(mm, "_GROUPED_MM_PROBES", {})
     ex = make_experts()

@@ -1,6 +1,6 @@
 """Pre-train / adapt Keye-VL-2.0 with Accelerate: projector alignment, full training, and the two DSA stages.
 
-Stages (spec ``keye_vl2.md`` sections 3 and 8), picked with ``--stage``:
+Stages (``docs/keye_vl2.md`` sections 3 and 8), picked with ``--stage``:
 
 =============  =====================================  ===================  ==============================  =======  ========
 stage          trains                                 attention            loss                            lr       context

@@ -1,6 +1,6 @@
 """Tests of the DSA torch reference (kernels/keye_dsa_reference.py) against independent brute force.
 
-Small k (16 or less) and odd sizes; every failure mode of shared/spec/dsa_kernels.md that applies to the
+Small k (16 or less) and odd sizes; every failure mode of docs/dsa_kernels.md that applies to the
 reference has a test here (the number in brackets in a test's docstring). CPU only, about a minute.
 """
 

@@ -1,8 +1,9 @@
 """`python examples/quickstart.py` end to end (issue 3 item 5): tiny checkpoint exported, reloaded through the Auto
 classes with trust_remote_code, answers about the real photo and the real cockatoo video, in under 2 minutes.
 
-The figures in its JSON are checked against the spec's rules (section 7) computed here: cockatoo.mp4 is 280 frames at
-20 fps (14.0 s) -> 28 frames at 2 fps, indices round(linspace(0, 279, 28)), 336 x 588 px frames (252 tokens each).
+The figures in its JSON are checked against the sampling rules of docs/keye_vl2.md section 7, computed here:
+cockatoo.mp4 is 280 frames at 20 fps (14.0 s) -> 28 frames at 2 fps, indices round(linspace(0, 279, 28)), 336 x 588
+px frames (252 tokens each).
 """
 
 import json

@@ -2,7 +2,7 @@
 
 The official ``config.json`` keeps the text (Qwen3-MoE decoder) fields at the TOP level, beside a nested
 ``vision_config`` (SigLIP NaViT) and ``sa_config`` (the DSA lightning indexer). This file reads and writes that
-layout unchanged; its defaults are the official 30B-A3B values (spec ``keye_vl2.md`` sections 1-2):
+layout unchanged; its defaults are the official 30B-A3B values (``docs/keye_vl2.md`` sections 1-2):
 with them the model has exactly 31,122,082,160 parameters.
 
 Flat remote-code file: imports only transformers' public API (it is copied beside ``config.json``).
@@ -14,7 +14,7 @@ import copy
 
 from transformers import GenerationConfig, PreTrainedConfig
 
-# Names accepted by ``attn_implementation`` (spec section 3). "dsa" = Triton kernels when available on the
+# Names accepted by ``attn_implementation`` (docs/keye_vl2.md section 3). "dsa" = Triton kernels when available on the
 # device, the torch reference otherwise; the explicit variants force one of them.
 DSA_ATTN_IMPLEMENTATIONS = ("dsa", "dsa_torch", "dsa_triton")
 DENSE_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -55,7 +55,7 @@ def check_prefill_chunk_size(value):
     return value
 
 class KeyeVL2VisionConfig(PreTrainedConfig):
-    r"""SigLIP-400M NaViT vision tower of Keye-VL-2.0 (spec section 5).
+    r"""SigLIP-400M NaViT vision tower of Keye-VL-2.0 (docs/keye_vl2.md section 5).
 
     Args:
         hidden_size (`int`, 1152), intermediate_size (`int`, 4304), num_hidden_layers (`int`, 27),
@@ -127,21 +127,22 @@ class KeyeVL2Config(PreTrainedConfig):
     Args:
         vision_config (`dict` or `KeyeVL2VisionConfig`): the vision tower.
         sa_config (`dict`): the DSA lightning indexer, ``{"indexer_num_heads": 16, "indexer_head_dim": 64,
-            "topk": 2048}`` (spec section 1: the only values that give the published parameter count).
+            "topk": 2048}`` (docs/keye_vl2.md section 1: the only values that give the published parameter count).
             ``None`` removes the indexer (plain dense model).
-        rope_theta (`float`): base of the decoder's M-RoPE (and of the indexer's). [open] in the spec: read
-            from config.json; 1e6 when absent (the authors' fallback).
+        rope_theta (`float`): base of the decoder's M-RoPE (and of the indexer's); not stated publicly:
+            read from config.json, 1e6 when absent (the authors' fallback; docs/keye_vl2.md section 1).
         rope_scaling (`dict`): must contain ``mrope_section`` (3 ints summing to head_dim / 2, default
             [16, 24, 24]); ``mrope_interleaved`` (default False = chunked sections). Stored in the 5.x
             ``rope_parameters`` attribute as well and written back as ``rope_scaling`` for the official loader.
-        indexer_loss_coef (`float`, 1.0): lambda in ``loss = LM + lambda * KL(indexer)`` (spec section 3, [open]).
+        indexer_loss_coef (`float`, 1.0): lambda in ``loss = LM + lambda * KL(indexer)`` (not public;
+            docs/keye_vl2.md section 3).
         prefill_chunk_size (`int` or None): when set, prompts longer than this run through the decoder in
             chunks of this many tokens (bounded activation memory for 256K contexts).
         moe_implementation (`str`, "auto"): "eager" (loop over the experts that received tokens), "grouped_mm"
             (``torch._grouped_mm``, no host syncs), or "auto" (grouped_mm on CUDA when available, else eager).
         router_aux_loss_coef (`float`, 0.001): weight of the Qwen3-MoE load-balancing loss added in training.
         image_token_id, video_token_id, vision_start_token_id, vision_end_token_id, fast_video_token_id (`int`):
-            special token ids (Qwen3 vocabulary; spec section 7).
+            special token ids (Qwen3 vocabulary; docs/keye_vl2.md section 7).
 
     Raises:
         ValueError: inconsistent sizes (heads not divisible by kv heads, mrope sections that do not sum to
@@ -241,7 +242,7 @@ class KeyeVL2Config(PreTrainedConfig):
         rope = dict(rope_parameters or rope_scaling or {})
         rope.setdefault("rope_type", rope.pop("type", "default"))
         if rope_theta is None:
-            rope_theta = rope.get("rope_theta", 1_000_000.0)  # S1 falls back to 1e6
+            rope_theta = rope.get("rope_theta", 1_000_000.0)  # the authors' fallback (docs/keye_vl2.md section 1)
         rope["rope_theta"] = float(rope_theta)
         rope.setdefault("mrope_section", [16, 24, 24])
         rope["mrope_section"] = [int(s) for s in rope["mrope_section"]]

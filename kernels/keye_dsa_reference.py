@@ -1,6 +1,6 @@
 """DeepSeek Sparse Attention (DSA) on GQA: the plain-torch reference (the oracle for the Triton kernels).
 
-Semantics: ``kernels/README.md`` (the contract) and ``shared/spec/keye_vl2.md`` section 3, after
+Semantics: ``kernels/README.md`` (the contract) and ``docs/keye_vl2.md`` section 3, after
 DeepSeek-V3.2 (lightning indexer, top-k sparse attention, indexer KL losses), adapted to GQA with ONE
 index list per query token shared by all query heads.
 
@@ -249,7 +249,7 @@ def hadamard_transform(x: Tensor) -> Tensor:
     ``H_D`` is the Sylvester Hadamard matrix (``H_1 = [1]``, ``H_2n = [[H_n, H_n], [H_n, -H_n]]``), which is
     symmetric, so ``H_D / sqrt(D)`` is orthonormal and its own inverse. Computed as log2(D) butterfly
     steps in torch (no ``fast_hadamard_transform`` dependency). Used on the indexer q and k
-    (spec section 3 step 2; DeepSeek-V3.2 ``rotate_activation``): applied to BOTH, it leaves every
+    (docs/keye_vl2.md section 3 step 2; DeepSeek-V3.2 ``rotate_activation``): applied to BOTH, it leaves every
     dot product q.k unchanged.
 
     Args:
@@ -327,7 +327,7 @@ def dsa_indexer_scores(q: Tensor, w: Tensor, k: Tensor, *, q_offset: Union[int, 
                        key_mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None) -> Tensor:
     """Lightning-indexer scores, materialised in full ([B, T, S]): for tests and small inputs only.
 
-    ``I[b, t, s] = sum_h w[b, t, h] * D_I**-0.5 * relu(q[b, t, h] . k[b, s])`` (spec section 3 step 2;
+    ``I[b, t, s] = sum_h w[b, t, h] * D_I**-0.5 * relu(q[b, t, h] . k[b, s])`` (docs/keye_vl2.md section 3 step 2;
     DeepSeek-V3.2 eq. 1 without its n_heads**-0.5 factor on w), and ``-inf`` where key s is not allowed
     for query t: causal ``s <= q_offset[b] + t``, ``key_mask[b, s]``, same ``segment_ids`` (see README).
 
@@ -401,7 +401,7 @@ def _select_topk(s: Tensor, allowed: Tensor, topk: int) -> Tensor:
 def dsa_topk_indices(q: Tensor, w: Tensor, k: Tensor, topk: int, *, q_offset: Union[int, Tensor, None] = None,
                      key_mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                      chunk_size: Optional[int] = None) -> Tensor:
-    """The top-``topk`` allowed keys of each query by the lightning-indexer score (spec section 3 step 2).
+    """The top-``topk`` allowed keys of each query by the lightning-indexer score (docs/keye_vl2.md section 3 step 2).
 
     Score as in :func:`dsa_indexer_scores`. Deterministic: exact ties go to the lower position; NaN
     scores count as -inf (never ahead of a finite score); allowed keys are always listed before
@@ -477,7 +477,7 @@ def _sparse_attention_chunk(q_c: Tensor, k_flat: Tensor, v_flat: Tensor, idx: Te
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, scaling: float,
                      return_lse: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Top-k sparse GQA attention with one key list per query token (spec section 3 step 3).
+    """Top-k sparse GQA attention with one key list per query token (docs/keye_vl2.md section 3 step 3).
 
     ``out[b, t, h] = softmax_j(scaling * q[b, t, h] . k[b, idx_j, h // G]) @ v[b, idx_j, h // G]`` over the
     listed keys ``idx_j = indices[b, t, j] >= 0`` only (``G = Hq / Hkv``; the list is shared by all heads).
@@ -606,7 +606,7 @@ def indexer_kl_loss(attn_q: Tensor, attn_k: Tensor, scaling: float, q: Tensor, w
                     indices: Optional[Tensor] = None, q_offset: Union[int, Tensor, None] = None,
                     key_mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                     chunk_size: Optional[int] = None, reduction: str = "mean") -> Tensor:
-    """Lightning-indexer training loss (DeepSeek-V3.2 recipe; spec section 3 "Training").
+    """Lightning-indexer training loss (DeepSeek-V3.2 recipe; docs/keye_vl2.md section 3 "Training").
 
     ``p_t`` = the main attention probabilities of query t (softmax of ``scaling * attn_q . attn_k`` per
     head over the allowed keys; GQA head h uses kv head h // G), summed over the Hq heads and

@@ -6,7 +6,7 @@ Output contract with the model (fixed; see ``modeling_keye``):
 - ``pixel_values``: float32 ``[N_patches_total, 3 * 14 * 14]``. Each 14x14 patch is flattened in (C, P, P) order
   and normalised ``(x / 255 - 0.5) / 0.5``. The patches of one image follow RASTER order over its
   ``(h / 14, w / 14)`` patch grid (not Qwen2-VL's 2x2-block order: the model's projector merges 2x2 neighbours
-  itself, spec section 5). Images are concatenated in order.
+  itself, docs/keye_vl2.md section 5). Images are concatenated in order.
 - ``image_grid_thw``: int64 ``[n_images, 3]`` = ``(1, h / 14, w / 14)``; ``h`` and ``w`` are multiples of 28, so an
   image becomes ``h * w / 784`` LLM tokens.
 
@@ -39,7 +39,7 @@ def patchify(image: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
     """Cut a normalised image ``[C, H, W]`` (H, W multiples of ``patch_size``) into raster-ordered patches.
 
     Returns ``[(H / p) * (W / p), C * p * p]``: row-major over the patch grid, each patch flattened in (C, p, p)
-    order - the layout of ``Conv2d(3, D, p, stride=p)`` applied patch by patch (spec section 5).
+    order - the layout of ``Conv2d(3, D, p, stride=p)`` applied patch by patch (docs/keye_vl2.md section 5).
     """
     channels, height, width = image.shape
     grid_h, grid_w = height // patch_size, width // patch_size
@@ -74,7 +74,7 @@ def make_image_list(images: Any) -> list[Any]:
 
 
 class KeyeVL2ImageProcessor(BaseImageProcessor):
-    r"""Image processor of Keye-VL-2.0 (spec section 7 "Processor", images).
+    r"""Image processor of Keye-VL-2.0 (docs/keye_vl2.md section 7 "Processor", images).
 
     Each image is converted to RGB, resized with :func:`smart_resize` (sides multiples of 28, area between
     ``min_pixels`` and ``max_pixels``, aspect ratio at most 200) using PIL bicubic (as keye-vl-utils /
@@ -142,7 +142,7 @@ class KeyeVL2ImageProcessor(BaseImageProcessor):
     def get_resized_size(
         self, height: int, width: int, min_pixels: int | None = None, max_pixels: int | None = None
     ) -> tuple[int, int]:
-        """Size an image of ``height x width`` pixels gets (spec section 7 smart_resize)."""
+        """Size an image of ``height x width`` pixels gets (docs/keye_vl2.md section 7 smart_resize)."""
         return smart_resize(
             height,
             width,

@@ -10,15 +10,14 @@ Three models, one loaded at a time, random bf16 weights built directly on the GP
                    (30B-A3B: 48 layers, 2048 wide, 32 q / 4 kv heads of 128, 128 experts top-8 of 768), its
                    default attention (sdpa), default experts implementation and default ``DynamicCache``.
 
-Rows (``kind``): ``moe_layer`` (one MoE block at 8K tokens: grouped experts, eager experts, and a dense GEMM
-of the same active FLOPs), ``prefill`` (text prompt of 8K / 32K / 128K / 256K tokens, batch 1:
-tokens/s, time to first token = prefill + LM head on the last position + argmax, peak memory),
-``video_prefill`` (about one hour of video at the sampling budget of docs/keye_vl2.md section 7: 2,880 frames of
-12 x 20 patches = 60 tokens each, fed as synthetic patches through ``pixel_values_videos`` / ``video_grid_thw``),
-``decode`` (batch 1 and 16 at 32K and 128K tokens of context: a cache filled with random keys/values, then greedy
-steps; tokens/s = batch * steps / time), and ``long_generate`` (keye_dsa: a 256K-token prefill plus 256 decoded tokens, with
-the peak memory split into weights, cache and the rest). "256K" is 262,144 tokens in total
-(``max_position_embeddings``), i.e. a 261,888-token prompt.
+Rows (``kind``): ``moe_layer`` (one MoE block at 8K tokens: grouped experts, eager experts, and a dense GEMM of the
+same active FLOPs), ``prefill`` (text prompt of 8K / 32K / 128K / 256K tokens, batch 1: tokens/s, time to first
+token = prefill + LM head on the last position + argmax, peak memory), ``video_prefill`` (about one hour of video
+at the sampling budget of docs/keye_vl2.md section 7: 2,880 frames of 12 x 20 patches = 60 tokens each, fed as
+synthetic patches through ``pixel_values_videos`` / ``video_grid_thw``), ``decode`` (batch 1 and 16 at 32K and 128K
+tokens of context: a cache filled with random keys/values, then greedy steps; tokens/s = batch * steps / time), and
+``long_generate`` (keye_dsa: a 256K-token prefill plus 256 decoded tokens, with the peak memory split into weights,
+cache and the rest). "256K" is 262,144 tokens in total (``max_position_embeddings``), i.e. a 261,888-token prompt.
 
 Each row is guarded: an out-of-memory error is recorded as ``status: "oom"``, any other error as ``"error"``,
 and rows whose predicted time does not fit in the remaining ``--budget`` seconds as ``"skipped"``. The JSON

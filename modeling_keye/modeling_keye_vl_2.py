@@ -1,6 +1,6 @@
 """Keye-VL-2.0-30B-A3B for transformers 5.x (Kwai-Keye/Keye-VL-2.0-30B-A3B).
 
-One file, read top to bottom from leaf modules to glue (spec ``keye_vl2.md``):
+One file, read top to bottom from leaf modules to glue (``docs/keye_vl2.md``):
 
 - rotary helpers: chunked M-RoPE for the decoder (sections [16, 24, 24]) and the indexer (scaled sections),
   the vision tower's 2D RoPE;
@@ -153,7 +153,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def mrope_cos_sin(
     position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: list[int], attention_scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked M-RoPE angles (spec section 6).
+    """Chunked M-RoPE angles (docs/keye_vl2.md section 6).
 
     Args:
         position_ids: [3, B, L] int64, (t, h, w) positions.
@@ -209,7 +209,7 @@ class KeyeVL2TextRotaryEmbedding(nn.Module):
 
 
 class KeyeVL2IndexerRotaryEmbedding(nn.Module):
-    """Indexer M-RoPE (spec section 3): rotates the whole D_I, always chunked, default type, the model's
+    """Indexer M-RoPE (docs/keye_vl2.md section 3): rotates the whole D_I, always chunked, default type, the model's
     rope_theta, sections ``int(s * D_I / head_dim)`` = [8, 12, 12]."""
 
     def __init__(self, config: KeyeVL2Config):
@@ -246,7 +246,7 @@ class KeyeVL2RMSNorm(nn.Module):
 
 
 class KeyeVL2Indexer(nn.Module):
-    """DSA lightning indexer (spec section 3 item 2): H_I query heads x D_I dims, one shared key head.
+    """DSA lightning indexer (docs/keye_vl2.md section 3 item 2): H_I query heads x D_I dims, one shared key head.
 
     ``q_proj`` gives H_I*D_I query dims followed by H_I per-head weight logits; queries get per-head RMSNorm,
     keys a LayerNorm; both get the indexer M-RoPE and the orthonormal Hadamard transform. Scores
@@ -443,7 +443,7 @@ class AttentionContext:
 
 
 class KeyeVL2Attention(nn.Module):
-    """GQA attention with q/k RMSNorm, chunked M-RoPE and the DSA indexer (spec section 3).
+    """GQA attention with q/k RMSNorm, chunked M-RoPE and the DSA indexer (docs/keye_vl2.md section 3).
 
     The core is chosen by ``config._attn_implementation``: "eager" / "sdpa" (dense causal) or a DSA name
     (the indexer picks ``topk`` keys per query, shared by all heads, then sparse attention).
@@ -509,7 +509,7 @@ class KeyeVL2Attention(nn.Module):
             raise ValueError("DSA attention / indexer loss need `sa_config` in the config (no indexer in this model)")
         iq = iw = ik = indices = None
         if use_dsa or indexer_loss:
-            # In training the indexer learns only from its KL: its input is detached (spec section 3).
+            # In training the indexer learns only from its KL: its input is detached (docs/keye_vl2.md section 3).
             x_idx = hidden_states.detach() if indexer_loss else hidden_states
             iq, iw, ik = self.sa_indexer(x_idx, *indexer_position_embeddings)
             ik = update_indexer_cache(past_key_values, ik, self.layer_idx)
@@ -608,7 +608,7 @@ class KeyeVL2DecoderLayer(GradientCheckpointingLayer):
 # ======================================================================================================
 class KeyeVL2VisionEmbeddings(nn.Module):
     """Patch embedding (Conv2d 14x14, stride 14) + learned 27 x 27 absolute positions, bilinearly
-    interpolated (align_corners=False) to each image's / frame's patch grid (spec section 5)."""
+    interpolated (align_corners=False) to each image's / frame's patch grid (docs/keye_vl2.md section 5)."""
 
     def __init__(self, config: KeyeVL2VisionConfig):
         super().__init__()
@@ -780,7 +780,7 @@ class KeyeVL2VisionModel(nn.Module):
 
 class KeyeVL2Projector(nn.Module):
     """``mlp_AR``: 2 x 2 merge ``(t h p1 w p2) d -> (t h w) (p1 p2 d)`` -> LayerNorm(4d, eps 1e-5) ->
-    Linear(4d, 4d) -> GELU -> Linear(4d, text hidden) (spec sections 1 and 5)."""
+    Linear(4d, 4d) -> GELU -> Linear(4d, text hidden) (docs/keye_vl2.md sections 1 and 5)."""
 
     def __init__(self, config: KeyeVL2Config):
         super().__init__()
@@ -816,7 +816,7 @@ def get_rope_index(
     spatial_merge_size: int = 2,
     segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-RoPE positions (spec section 6).
+    """M-RoPE positions (docs/keye_vl2.md section 6).
 
     Text tokens get the same value on the three axes, continuing from max(previous) + 1. Each vision block
     (a run of ``<|image_pad|>`` = one image; a run of ``<|video_pad|>`` = ONE video frame) with LLM grid
@@ -1205,7 +1205,7 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
             past_key_values (alias ``cache``, the 5.2x name): a transformers Cache; a :class:`KeyeVL2Cache` is
                 created when ``use_cache`` and none is given.
             segment_ids: [B, L] int64 for packed sequences (attention and positions restart per segment).
-            indexer_loss: None, "dense" or "sparse": also return the DSA indexer KL (spec section 3).
+            indexer_loss: None, "dense" or "sparse": also return the DSA indexer KL (docs/keye_vl2.md section 3).
         Raises:
             ValueError: vision features that do not match the placeholders, wrong patch counts, prompt longer
                 than ``max_position_embeddings``.
@@ -1583,7 +1583,7 @@ def _repeat_vision_per_sample(input_ids, pixels, grid, token_id, merge, repeats)
 
 
 def freeze_for_indexer_warmup(model: nn.Module) -> list[str]:
-    """DSA dense warm-up (spec section 3): freeze every parameter except the ``sa_indexer`` ones.
+    """DSA dense warm-up (docs/keye_vl2.md section 3): freeze every parameter except the ``sa_indexer`` ones.
 
     Returns the names of the parameters left trainable. Raises ValueError if the model has no indexer.
     """

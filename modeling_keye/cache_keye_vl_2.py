@@ -34,7 +34,7 @@ def _is_compiling() -> bool:
 class KeyeVL2CacheLayer(DynamicLayer):
     """One decoder layer's cache: K/V and DSA indexer keys in buffers that grow by capacity, not by ``torch.cat``.
 
-    Storage is token-major, the layout the DSA kernels read (spec ``dsa_kernels.md``: the 4 KV heads of one
+    Storage is token-major, the layout the DSA kernels read (``docs/dsa_kernels.md``: the 4 KV heads of one
     token contiguous): ``_k``/``_v`` [B, capacity, H_kv, D] and ``_ik`` [B, capacity, D_I], all in the dtype of
     the first update. ``keys`` / ``values`` are views [B, H_kv, S, D] (``_k[:, :S].transpose(1, 2)``) and
     ``indexer_keys`` a view [B, S, D_I], so the transformers Cache API sees a ``DynamicLayer``.
@@ -224,7 +224,7 @@ class KeyeVL2CacheLayer(DynamicLayer):
 
 class KeyeVL2Cache(DynamicCache):
     """``DynamicCache`` whose layers are :class:`KeyeVL2CacheLayer`: K/V plus DSA indexer keys ([B, S, D_I],
-    spec section 3 item 5), grown by capacity instead of copied every step.
+    docs/keye_vl2.md section 3 item 5), grown by capacity instead of copied every step.
 
     Args (besides ``DynamicCache``'s):
         capacity: tokens to allocate per layer on the first update (e.g. prompt + max_new_tokens); None grows.

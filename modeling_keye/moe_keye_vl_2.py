@@ -116,7 +116,7 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 
 class KeyeVL2Experts(nn.Module):
-    """Fused experts in the official transformers-4.57 layout (spec section 2):
+    """Fused experts in the official transformers-4.57 layout (docs/keye_vl2.md section 2):
     ``gate_up_proj`` [E, hidden, 2I] (gate = [..., :I], up = [..., I:]), ``down_proj`` [E, I, hidden].
 
     Expert e computes ``down(silu(gate(x)) * up(x))``; the output is ``sum_j w[n, j] * expert_{idx[n, j]}(x[n])``.
@@ -241,7 +241,8 @@ class KeyeVL2Experts(nn.Module):
 
 
 class KeyeVL2SparseMoeBlock(nn.Module):
-    """Router (Linear hidden -> E, no bias; softmax in fp32; top-k; renormalise) + experts (spec section 4)."""
+    """Router (Linear hidden -> E, no bias; softmax in fp32; top-k; renormalise) + experts
+    (docs/keye_vl2.md section 4)."""
 
     def __init__(self, config: KeyeVL2Config):
         super().__init__()

@@ -282,12 +282,35 @@ def sparse_attention(q, k, v, indices, *, scaling, return_lse=False):
 
 
 
+def _sparse_attention_fixed_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                                 scaling: float) -> torch.Tensor:
+    q, k, v, indices = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, indices))
+    return _sparse_attn_fwd(q, k, v, indices, float(scaling))[0]
+
+
+_FIXED_OP = None
+if HAS_TRITON and hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+    # An opaque custom op: torch.compile keeps the launch as one node (no tracing into the Triton wrapper) and
+    # CUDA graphs capture it. Registered once per process (this file may be imported under two module names).
+    _OP_NAME = "keye_vl::dsa_sparse_attention_fixed"
+    try:
+        _FIXED_OP = torch.library.custom_op(_OP_NAME, mutates_args=())(_sparse_attention_fixed_impl)
+
+        @_FIXED_OP.register_fake
+        def _(q, k, v, indices, scaling):
+            return q.new_empty((*q.shape[:3], v.shape[3]))
+    except Exception:  # noqa: BLE001 - already registered by the other import route, or an older torch
+        _FIXED_OP = getattr(getattr(torch.ops, "keye_vl", None), "dsa_sparse_attention_fixed", None)
+
+
 def sparse_attention_fixed(q, k, v, indices, *, scaling):
     """Forward-only :func:`sparse_attention` for a decode step on a static cache: shapes are checked by the
-    caller once per generate call, nothing is read back to the host, so the launch can be captured in a CUDA graph.
+    caller once per generate call, nothing is read back to the host, so the launch can be captured in a CUDA graph
+    (a ``torch.library`` custom op under ``torch.compile``).
 
     Args: as :func:`sparse_attention` (k / v may be the whole cache buffer; entries outside ``[0, S)`` and ``-1``
     are empty). Returns out ``[B, T, Hq, Dv]`` in q's dtype (no autograd).
     """
-    q, k, v, indices = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, indices))
-    return _sparse_attn_fwd(q, k, v, indices, float(scaling))[0]
+    if _FIXED_OP is not None and torch.compiler.is_compiling():
+        return _FIXED_OP(q, k, v, indices, float(scaling))
+    return _sparse_attention_fixed_impl(q, k, v, indices, float(scaling))

@@ -331,6 +331,23 @@ def test_sparse_attention_fp16_and_out_of_range_indices():
                                ref.sparse_attention(q, k, v, fixed, scaling=0.2), atol=2e-3, rtol=2e-3)
 
 
+@cpu
+def test_sparse_attention_fixed_over_a_static_buffer_equals_the_reference_and_the_torch_decode_path():
+    """Decode against a static cache: k / v are the whole token-major buffer (rows past the filled length hold
+    junk, -1 slots are empty); the forward-only Triton launch == the reference on the filled prefix == the plain
+    torch decode path."""
+    dec = importlib.import_module("keye_vl.kernels.keye_dsa_decode")
+    B, Hq, Hkv, D, S, C, K = 2, 8, 2, 32, 20, 32, 12
+    q, k, v, idx = _attn_inputs(B, 1, S, Hq, Hkv, D, D, K, seed=7)
+    kb, vb = torch.full((B, C, Hkv, D), 1e4), torch.full((B, C, Hkv, D), 1e4)  # unfilled rows: never read
+    kb[:, :S], vb[:, :S] = k, v
+    idx[1, 0, 5:] = -1
+    want = ref.sparse_attention(q, k, v, idx, scaling=0.125)
+    torch.testing.assert_close(tri.sparse_attention_fixed(q, kb.transpose(1, 2).transpose(1, 2), vb, idx, scaling=0.125),
+                               want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(dec.sparse_attention_decode(q, kb, vb, idx, scaling=0.125), want, atol=2e-5, rtol=2e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU: indexer KL loss
 # ------------------------------------------------------------------------------------------------

@@ -170,16 +170,18 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    for impl in args.impls.split(","):
+    impls = args.impls.split(",")
+    for impl in impls:
         model.set_attn_implementation(impl if not args.tiny or impl != "dsa" else "dsa_torch")
         for ctx in contexts:
             for B in batches:
                 for mode in modes:
                     record({"impl": impl, "mode": mode, "context": ctx, "batch": B},
                            lambda: decode_row(mk, model, mode, B, ctx, args.steps if not args.tiny else 2, device, dtype))
-        if device == "cuda" and args.compiled_context:
-            record({"impl": impl, "mode": "generate_compiled", "context": args.compiled_context, "batch": 1},
-                   lambda: compiled_row(model, args.compiled_context, device))
+    for impl in impls if device == "cuda" and args.compiled_context else []:  # last: compiling takes a while
+        model.set_attn_implementation(impl)
+        record({"impl": impl, "mode": "generate_compiled", "context": args.compiled_context, "batch": 1},
+               lambda: compiled_row(model, args.compiled_context, device))
     return 0
 
 

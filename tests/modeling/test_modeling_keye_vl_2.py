@@ -33,7 +33,7 @@ def make_model(seed=0, impl="sdpa", **overrides):
 
 # ----------------------------------------------------------------------------------------- 1. layout
 def official_key_shapes(L=48, V=151936, vision_layers=27):
-    """The spec's state-dict table (keye_vl2.md section 2), written out independently of the model code."""
+    """The state-dict table of docs/keye_vl2.md section 2, written out independently of the model code."""
     ks = {
         "model.embed_tokens.weight": (V, 2048),
         "model.norm.weight": (2048,),
@@ -182,7 +182,8 @@ def test_vision_tower_matches_transformers_paddleocr_vl():
     )
     ref = paddle.PaddleOCRVisionModel(pcfg).eval()
     ref.set_attn_implementation("eager")
-    # Keye interpolates with align_corners=False (spec section 5); PaddleOCR-VL's default changed across releases
+    # Keye interpolates with align_corners=False (docs/keye_vl2.md section 5); PaddleOCR-VL's default changed across
+    # releases
     ref.vision_model.embeddings.interpolation_align_corners = False
     sd = {k[len("visual."):]: v for k, v in model.state_dict().items() if k.startswith("visual.")}
     sd = {k: v for k, v in sd.items() if "packing_position" not in k}

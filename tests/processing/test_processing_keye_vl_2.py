@@ -1,6 +1,6 @@
 """KeyeVL2Processor, image processor, tokenizer and chat template (issue 3 items 1, 2, 4).
 
-Token counts are checked against the grid arithmetic of the spec (section 7: an image of h x w pixels becomes
+Token counts are checked against the grid arithmetic of docs/keye_vl2.md (section 7: an image of h x w pixels becomes
 (h/14 * w/14) / 4 tokens; a video frame likewise, after `<|frame|>` + its time). The save / load round trip runs in a
 clean interpreter (keye_vl imports blocked, empty PYTHONPATH, temporary cwd, HF_HUB_OFFLINE=1).
 """
@@ -51,7 +51,7 @@ IDS = {
 
 
 def ref_smart_resize(h, w, min_pixels=4 * PX, max_pixels=20480 * PX, factor=28):
-    """Spec section 7, written from the text (not imported)."""
+    """docs/keye_vl2.md section 7, written from the text (not imported)."""
     hb = max(factor, round(h / factor) * factor)
     wb = max(factor, round(w / factor) * factor)
     if hb * wb > max_pixels:
@@ -237,7 +237,8 @@ def test_frame_list_without_fps_has_no_times(processor):
 
 
 def test_two_videos_share_the_budget():
-    """The budget is per prompt: two long (synthetic) videos in one prompt get half each (spec section 7)."""
+    """The budget is per prompt: two long (synthetic) videos in one prompt get half each (docs/keye_vl2.md
+    section 7)."""
     from keye_vl.processing.vision_process_keye_vl_2 import VideoSampling, plan_video
 
     plans = [plan_video(1200, 2.0, 720, 1280, VideoSampling(nframes=1200), num_videos=n) for n in (1, 2)]

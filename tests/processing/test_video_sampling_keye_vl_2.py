@@ -1,6 +1,6 @@
 """Keye-VL-2.0 video sampling on the real media files, the pure sampling rules, and bad inputs (issue 3 items 1, 3).
 
-Expected values are computed here from the spec's rules (keye_vl2.md section 7) and from each file's own frame
+Expected values are computed here from the rules of docs/keye_vl2.md section 7 and from each file's own frame
 count and frame rate, read independently with PyAV's stream metadata / demuxer (not with the code under test).
 Risky decodes (damaged / empty / fake files) run in a subprocess with a timeout: a hang fails the test instead of
 blocking the suite.
@@ -25,12 +25,12 @@ from keye_vl.processing import vision_process_keye_vl_2 as vp  # noqa: E402
 
 
 MEDIA = Path(__file__).resolve().parents[2] / "assets" / "media"
-BUDGET_TOKENS = 184320  # spec section 7: tokens per request
+BUDGET_TOKENS = 184320  # docs/keye_vl2.md section 7: tokens per request
 PX = 28 * 28  # pixels per visual token (after the 2x2 merge)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Independent reference implementations (spec section 7, written from the spec text, not imported)
+# Independent reference implementations (docs/keye_vl2.md section 7, written from its text, not imported)
 # ---------------------------------------------------------------------------------------------------------------------
 def ref_smart_resize(h, w, min_pixels, max_pixels, factor=28):
     hb = max(factor, round(h / factor) * factor)
@@ -45,7 +45,7 @@ def ref_smart_resize(h, w, min_pixels, max_pixels, factor=28):
 
 
 def ref_plan(total_frames, fps, h, w, budget=BUDGET_TOKENS, sample_fps=2.0, max_frames=None, max_tokens=256):
-    """nframes / indices / float32 timestamps / T / frame size, straight from the spec formulas."""
+    """nframes / indices / float32 timestamps / T / frame size, straight from docs/keye_vl2.md section 7."""
     duration = total_frames / fps
     cap = min(max_frames if max_frames is not None else 10**9, math.floor(budget / 64), total_frames)
     nframes = min(max(int(duration * min(sample_fps, fps)), 2), cap)
@@ -105,7 +105,7 @@ def test_real_video_sampling_matches_spec(name):
 
 
 def test_cockatoo_exact_numbers():
-    """Hand-checked numbers for the quickstart clip (spec rule): 28 frames, 336x588, 252 tokens per frame."""
+    """Hand-checked numbers for the quickstart clip (the sampling rule): 28 frames, 336x588, 252 tokens per frame."""
     frames, info = vp.read_video(str(MEDIA / "cockatoo.mp4"))
     assert info["frame_indices"][:4] == [0, 10, 21, 31] and info["frame_indices"][-1] == 279
     assert [f"{t:.1f}" for t in info["timestamps"][:5]] == ["0.0", "0.5", "1.0", "1.5", "2.0"]  # float32: 21/20 -> 1.0
@@ -195,7 +195,7 @@ def test_plan_matches_spec_and_budget(total_frames, fps, h, w):
     assert (plan["resized_height"], plan["resized_width"]) == ref["size"]
     np.testing.assert_array_equal(np.asarray(plan["timestamps"], dtype=np.float32), ref["timestamps"])
     # budget: each frame <= T tokens; T = floor(B / n) + 1 can exceed B / n by < 1, so the total stays within
-    # B + nframes (the spec's "may slightly exceed"); with the 64-token floor it can only be reached, never passed.
+    # B + nframes (docs/keye_vl2.md: "may slightly exceed"); with the 64-token floor it is reached, never passed.
     assert plan["tokens_per_frame"] <= plan["tokens_per_frame_cap"]
     assert plan["total_tokens"] <= BUDGET_TOKENS + plan["nframes"]
     if ref["T"] in (64, 256):

@@ -17,6 +17,8 @@ _LAZY = {
     "KeyeVL2ImageProcessor": "keye_vl.processing",
     "KeyeVL2VideoProcessor": "keye_vl.processing",
     "process_vision_info": "keye_vl.processing",
+    "push_to_hub": "keye_vl.hub",
+    "save_hub_folder": "keye_vl.hub",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -130,6 +130,24 @@ def test_card_options_and_bad_repo_ids():
             render_model_card(bad)
 
 
+def test_create_pr_commits_to_a_pull_request_without_creating_a_branch(monkeypatch, tmp_path):
+    hub = FakeHub()
+    hub.install(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    torch.manual_seed(0)
+    model = KeyeVL2MoeForConditionalGeneration(tiny_config(num_hidden_layers=1, vision_config=dict(num_hidden_layers=1)))
+    push_to_hub(REPO_ID, model, build_keye_processor(), create_pr=True)
+    assert [c[0] for c in hub.calls] == ["create_repo", "create_commit"]
+    assert hub.calls[0][2]["private"] is None and hub.calls[1][2]["create_pr"] is True
+    assert hub.calls[1][2]["revision"] is None
+    # no token given: HfApi is left to find it the standard way (HF_TOKEN here)
+    assert all(c[3] is None for c in hub.calls)
+    from huggingface_hub.utils import get_token
+
+    assert get_token() == "hf_from_env"
+    assert "model.safetensors" in hub.files and "README.md" in hub.files  # one shard at the default 5 GB
+
+
 def test_bad_repo_id_fails_before_any_hub_call(monkeypatch):
     hub = FakeHub()
     hub.install(monkeypatch)

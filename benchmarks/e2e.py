@@ -466,6 +466,17 @@ def keye_rows(run: Runner, mk, args, device, dtype, plan, name: str):
 
             run.row({"kind": "decode", "model": name, "context": ctx, "batch": B, "attn": impl}, fn,
                     est_s=plan["decode_est"])
+            if run.clock.cuda:  # the same step on the static cache, captured once in a CUDA graph and replayed
+
+                def fn_graph(ctx=ctx, B=B):
+                    from decode_static import decode_row
+
+                    r = decode_row(mk, model, "static_graph", B, ctx, plan["decode_steps"], device, dtype)
+                    return {"tokens_per_s": r["tokens_per_s"], "ms_per_step": r["ms_per_token"],
+                            "capture_s": r["capture_s"], "cache": "KeyeVL2StaticCache (synthetic random K/V), CUDA graph"}
+
+                run.row({"kind": "decode_static_graph", "model": name, "context": ctx, "batch": B, "attn": impl},
+                        fn_graph, est_s=plan["decode_est"] + 2.0)
 
     T_long, G = plan["max_pos"] - plan["gen"], plan["gen"]
     if name == "keye_dsa":  # the 256K prompt + 256 greedy tokens; peak memory split
@@ -617,6 +628,10 @@ def summarize(data: dict) -> dict:
             round(a["tokens_per_s"] / c["tokens_per_s"], 2) if a and c else None)
         a, c = get("decode", "keye_dsa", context=ctx, batch=1), get("decode", "qwen3_vl_moe", context=ctx, batch=1)
         out[f"decode_b1_{ctx // 1024}k_speedup_vs_qwen"] = round(a["tokens_per_s"] / c["tokens_per_s"], 2) if a and c else None
+        g = get("decode_static_graph", "keye_dsa", context=ctx, batch=1)
+        out[f"decode_b1_{ctx // 1024}k_static_graph_ms_per_token (target <= 8)"] = g["ms_per_step"] if g else None
+        g = get("decode_static_graph", "keye_dsa", context=ctx, batch=16)
+        out[f"decode_b16_{ctx // 1024}k_static_graph_tokens_per_s (target >= 600 at 32K)"] = g["tokens_per_s"] if g else None
     lg = get("long_generate", "keye_dsa")
     out["256k_prefill_plus_256_tokens_fits (peak GiB)"] = lg["peak_gib"] if lg else None
     m = get("moe_layer", "keye_moe_block", variant="moe_block_grouped_mm")

@@ -1203,7 +1203,10 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
             image_grid_thw / video_grid_thw: [n, 3] int64.
             position_ids: [3, B, L] M-RoPE positions (computed when None).
             past_key_values (alias ``cache``, the 5.2x name): a transformers Cache; a :class:`KeyeVL2Cache` is
-                created when ``use_cache`` and none is given.
+                created when ``use_cache`` and none is given. With a :class:`KeyeVL2StaticCache` the first call is
+                the prefill (checked, its ``attention_mask`` stored in the cache) and later calls are fixed-shape
+                decode steps that read no device value on the host (``attention_mask`` is not read: the prompt's
+                padding pattern applies; positions come from the cache's device-side length).
             segment_ids: [B, L] int64 for packed sequences (attention and positions restart per segment).
             indexer_loss: None, "dense" or "sparse": also return the DSA indexer KL (docs/keye_vl2.md section 3).
         Raises:

@@ -95,6 +95,25 @@ def test_static_cache_buffers_keep_their_addresses_and_hold_the_padding_mask():
         torch.testing.assert_close(ls._ik[:, : L + 5], ld.indexer_keys, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["eager", "dsa_torch"])
+def test_chunked_prefill_returns_whole_sequence_hidden_states_and_attentions(impl):
+    model = make_model(impl, seed=4)
+    ids = torch.randint(3, 5000, (2, 20), generator=torch.Generator().manual_seed(4))
+    kw = dict(output_hidden_states=True, output_attentions=impl == "eager")
+    with torch.no_grad():
+        full = model(input_ids=ids, **kw)
+        model.config.prefill_chunk_size = 7  # chunks of 7, 7, 6
+        chunked = model(input_ids=ids, **kw)
+    assert len(chunked.hidden_states) == 3 and chunked.hidden_states[0].shape == (2, 20, 64)
+    for a, b in zip(chunked.hidden_states, full.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    if impl == "eager":
+        assert chunked.attentions[0].shape == (2, 4, 20, 20)
+        for a, b in zip(chunked.attentions, full.attentions, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert float(chunked.attentions[1][0, 0, 3, 4:].abs().sum()) == 0.0  # causal: nothing past the query
+
+
 # ----------------------------------------------------------------------------- decode top-k == reference
 def test_decode_topk_equals_reference_including_ties_zeros_and_nan():
     g = torch.Generator().manual_seed(0)

@@ -127,7 +127,9 @@ class KeyeVL2Experts(nn.Module):
       (``torch._grouped_mm``), offsets from ``searchsorted`` on the device: no host sync, no Python loop
       over experts, deterministic (gathers, and sums over the k slots, never scatter-adds);
     - "auto": "grouped_mm" where it runs (a once-per-device/dtype probe, 16-byte aligned weights and rows),
-      else "eager". On CPU the grouped GEMM needs 16-byte strides (hidden and I multiples of 4 fp32 / 8 bf16).
+      else "batched_mm" for few tokens (each (token, slot) pair gathers its expert's weights; no host sync: decode
+      steps stay capturable) and "eager" for many. On CPU the grouped GEMM needs 16-byte strides (hidden and I
+      multiples of 4 fp32 / 8 bf16).
 
     Both compute in the weights' dtype (the autocast dtype under autocast) with fp32 accumulation, and return
     ``hidden_states.dtype``. Parameters are read inside ``forward``, so PEFT ``target_parameters`` LoRA applies.
@@ -168,24 +170,34 @@ class KeyeVL2Experts(nn.Module):
         )
         return _grouped_mm_probe(x.device, dtype, backward=needs_grad)
 
-    def implementation(self, x: torch.Tensor) -> str:
-        """The implementation ``forward`` uses for input ``x``: "eager" or "grouped_mm".
+    # "auto" with no grouped GEMM (e.g. fp32 on CUDA): few (token, slot) pairs take the gathered-weights batched
+    # path (no host sync, fixed shapes: a decode step) while its weight copies stay below this many bytes.
+    batched_max_bytes = 256 * 2**20
+
+    def implementation(self, x: torch.Tensor, top_k: int = 1) -> str:
+        """The implementation ``forward`` uses for input ``x`` [N, hidden] with ``top_k`` slots per token:
+        "eager", "grouped_mm", or (``moe_implementation="auto"`` where the grouped GEMM cannot run) "batched_mm"
+        for few rows.
 
         Under ``torch.compile`` (a decode step traced for CUDA graphs) the pointer-alignment checks cannot be
-        traced: the choice made by the last eager call (the prefill) is reused."""
+        traced: the grouped-GEMM verdict of the last eager call (the prefill) is reused."""
         impl = self.config.moe_implementation
         if impl == "eager":
             return "eager"
-        if torch.compiler.is_compiling() and getattr(self, "_last_implementation", None) is not None:
-            return self._last_implementation
-        why = self.grouped_mm_problem(x)
+        if torch.compiler.is_compiling() and hasattr(self, "_grouped_why"):
+            why = self._grouped_why
+        else:
+            why = self._grouped_why = self.grouped_mm_problem(x)
         if impl == "grouped_mm" and why is not None:
             raise ValueError(
                 f"moe_implementation='grouped_mm' cannot run on {x.device.type}: {why}; use 'auto' (falls back to "
                 "'eager') or 'eager'"
             )
-        self._last_implementation = "grouped_mm" if why is None else "eager"
-        return self._last_implementation
+        if why is None:
+            return "grouped_mm"
+        H, I = self.gate_up_proj.shape[1], self.intermediate_size
+        copy = x.shape[0] * top_k * 3 * H * I * self.gate_up_proj.element_size()
+        return "batched_mm" if copy <= self.batched_max_bytes else "eager"
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """
@@ -197,8 +209,11 @@ class KeyeVL2Experts(nn.Module):
         """
         if hidden_states.shape[0] == 0:
             return hidden_states.new_zeros(hidden_states.shape)
-        if self.implementation(hidden_states) == "grouped_mm":
+        impl = self.implementation(hidden_states, top_k_index.shape[-1])
+        if impl == "grouped_mm":
             return self._forward_grouped(hidden_states, top_k_index, top_k_weights)
+        if impl == "batched_mm":
+            return self._forward_batched(hidden_states, top_k_index, top_k_weights)
         return self._forward_eager(hidden_states, top_k_index, top_k_weights)
 
     def _forward_eager(self, x, top_k_index, top_k_weights):
@@ -215,6 +230,20 @@ class KeyeVL2Experts(nn.Module):
             y = (h @ self.down_proj[e].to(dtype)) * top_k_weights[token_idx, slot, None].to(dtype)  # [n_e, hidden]
             out.index_add_(0, token_idx, y.float())
         return out.to(x.dtype)
+
+    def _forward_batched(self, x, top_k_index, top_k_weights):
+        """Each (token, slot) pair gathers its expert's weights and runs batched GEMMs ([N*k, 1, H] @ [N*k, H, 2I]):
+        no host sync, shapes fixed by N (transformers' ``batched_mm`` experts idea, ``integrations/moe.py``)."""
+        N, k = top_k_index.shape
+        H, I = x.shape[-1], self.intermediate_size
+        dtype = self._compute_dtype(x)
+        flat = top_k_index.reshape(-1)
+        xs = x.to(dtype)[:, None].expand(N, k, H).reshape(N * k, 1, H)
+        h = torch.bmm(xs, self.gate_up_proj.to(dtype).index_select(0, flat))  # [N*k, 1, 2I]
+        h = self.act_fn(h[..., :I]) * h[..., I:]
+        y = torch.bmm(h, self.down_proj.to(dtype).index_select(0, flat)).view(N, k, H)  # [N*k, 1, H]
+        out = torch.bmm(top_k_weights.to(dtype).reshape(N, 1, k), y)  # fp32 accumulation over the k slots
+        return out.view(N, H).to(x.dtype)
 
     def _forward_grouped(self, x, top_k_index, top_k_weights):
         """Sort the N*k (token, slot) pairs by expert, two grouped GEMMs, unsort, weighted sum over the k slots."""

@@ -138,12 +138,31 @@ def test_auto_falls_back_where_grouped_mm_cannot_run():
     ex = make_experts(E=4, H=64, I=6)  # fp32 rows of 6 = 24 bytes: not 16-byte aligned
     x = torch.randn(5, 64)
     assert ex.grouped_mm_problem(x) is not None
-    assert ex.implementation(x) == "eager"
+    assert ex.implementation(x, 2) == "batched_mm"  # few rows: gathered weights, 5 * 2 * 3 * 64 * 6 * 4 bytes
+    ex.batched_max_bytes = 5 * 2 * 3 * 64 * 6 * 4 - 1
+    assert ex.implementation(x, 2) == "eager"  # one byte over the cap
     idx, w = torch.tensor([[0, 1]] * 5), torch.rand(5, 2)
     assert ex(x, idx, w).shape == (5, 64)
     ex.config.moe_implementation = "grouped_mm"
     with pytest.raises(ValueError, match="16 bytes"):
         ex(x, idx, w)
+
+
+@pytest.mark.parametrize("kind,N", [("random", 9), ("sparse", 6), ("single_token", 1)])
+def test_batched_experts_equal_eager_fp32_without_host_sync(kind, N, monkeypatch):
+    """The batched path (auto's choice for decode where the grouped GEMM cannot run, e.g. fp32 on CUDA) == eager,
+    forward and backward, and never reads the expert list on the host."""
+    E, H, I, k = 8, 64, 32, 2
+    g = torch.Generator().manual_seed(5)
+    x, idx = torch.randn(N, H, generator=g), routing(kind, N, E, k, g)
+    w, go = torch.rand(N, k, generator=g), torch.randn(N, H, generator=g)
+    want = run_experts(make_experts(impl="eager"), x, idx, w, go)
+    ex = make_experts()
+    monkeypatch.setattr(ex, "grouped_mm_problem", lambda x: "pretend the grouped GEMM cannot run")
+    assert ex.implementation(x, k) == "batched_mm"
+    monkeypatch.setattr(torch, "unique", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("host sync")))
+    for got, ref_ in zip(run_experts(ex, x, idx, w, go), want, strict=True):
+        torch.testing.assert_close(got, ref_, rtol=1e-5, atol=1e-6)
 
 
 def test_grouped_probe_works_under_inference_mode(monkeypatch):

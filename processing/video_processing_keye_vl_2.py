@@ -245,7 +245,7 @@ class KeyeVL2VideoProcessor(BaseVideoProcessor):
         h_l = _per_video(height, n, "height")
         w_l = _per_video(width, n, "width")
         nv_l = _per_video(num_videos, n, "num_videos")
-        pixel_values, grids, out_ts = [], [], []
+        loaded, grids, out_ts = [], [], []
         for i, video in enumerate(video_list):
             if isinstance(video, str):
                 one = base if fps_l[i] is None else dataclasses.replace(base, fps=fps_l[i], nframes=None)
@@ -255,9 +255,12 @@ class KeyeVL2VideoProcessor(BaseVideoProcessor):
                 frames, info = self.load_video(video, base, num_videos=int(nv_l[i] or 1), frames_fps=fps_l[i])
                 stamps = info["timestamps"]
             elif isinstance(video, (np.ndarray, torch.Tensor)):
-                frames = torch.stack([to_chw_uint8(f) for f in video]) if len(video) else None
-                if frames is None:
+                if not len(video):
                     raise ValueError("a video has zero frames")
+                if isinstance(video, torch.Tensor) and video.dtype == torch.uint8 and video.shape[1] == 3:
+                    frames = video  # already [T, 3, H, W] uint8 (process_vision_info's output): no copy
+                else:
+                    frames = torch.stack([to_chw_uint8(f) for f in video])
                 if h_l[i] is not None and w_l[i] is not None:
                     size = (int(h_l[i]), int(w_l[i]))
                 else:  # already-sampled frames: all are kept; the plan gives their size
@@ -282,20 +285,42 @@ class KeyeVL2VideoProcessor(BaseVideoProcessor):
             else:
                 raise TypeError(f"unsupported video of type {type(video).__name__}")
             t, _, hh, ww = frames.shape
-            mean = self.image_mean if self.do_normalize else [0.0, 0.0, 0.0]
-            std = self.image_std if self.do_normalize else [1.0, 1.0, 1.0]
-            for frame in frames:  # frame by frame: bounded float32 memory
-                pixel_values.append(patchify(normalize_uint8(frame, mean, std, self.rescale_factor if self.do_rescale else 1.0), self.patch_size))
+            loaded.append(frames)
             grids.append([t, hh // self.patch_size, ww // self.patch_size])
             out_ts.append(stamps)
         data: dict[str, Any] = {
-            "pixel_values_videos": torch.cat(pixel_values, dim=0),
+            "pixel_values_videos": self._patches(loaded),
             "video_grid_thw": torch.tensor(grids, dtype=torch.int64),
         }
         if return_tensors in ("np", "numpy"):
             data = {k: v.numpy() for k, v in data.items()}
         data["video_timestamps"] = out_ts
         return BatchFeature(data=data)
+
+    def _patches(self, videos: list[torch.Tensor], chunk: int = 32) -> torch.Tensor:
+        """uint8 frames ``[T, 3, H, W]`` per video -> float32 ``[sum T * H/14 * W/14, 588]``, normalised and in raster
+        patch order (as :func:`patchify` of :func:`normalize_uint8`, the same operations in the same order).
+
+        The output is allocated once and filled ``chunk`` frames at a time, so the float32 memory is the output plus
+        one chunk (an hour of video at the default budget: 1.6 GB of output, not twice that)."""
+        p = self.patch_size
+        total = sum(v.shape[0] * (v.shape[2] // p) * (v.shape[3] // p) for v in videos)
+        out = torch.empty(total, 3 * p * p, dtype=torch.float32)
+        mean = torch.tensor(self.image_mean if self.do_normalize else [0.0] * 3, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std if self.do_normalize else [1.0] * 3, dtype=torch.float32).view(1, -1, 1, 1)
+        rescale = self.rescale_factor if self.do_rescale else 1.0
+        row = 0
+        for frames in videos:
+            t, c, h, w = frames.shape
+            gh, gw = h // p, w // p
+            for a in range(0, t, chunk):
+                part = frames[a : a + chunk]
+                k = part.shape[0]
+                x = (part.to(torch.float32) * rescale - mean) / std
+                n = k * gh * gw
+                out[row : row + n].view(k, gh, gw, c, p, p).copy_(x.view(k, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
+                row += n
+        return out
 
     def __call__(self, videos: Any = None, **kwargs: Any) -> BatchFeature:
         """Alias of :meth:`preprocess`."""

@@ -58,3 +58,16 @@ def test_sixteen_conversations_batched_equal_one_by_one():
             alone = model.generate(**single, **gen)
         assert torch.equal(together.sequences[i, prompt:], alone.sequences[0, length:]), i
         torch.testing.assert_close(together.scores[0][i], alone.scores[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_video_patches_filled_in_place_equal_per_frame_patchify():
+    """The video processor fills pixel_values_videos chunk by chunk into one buffer (no per-frame list + cat, half
+    the float32 peak for an hour of video); values are bit-identical to patchify(normalize_uint8(frame))."""
+    from keye_vl.processing import KeyeVL2VideoProcessor
+    from keye_vl.processing.image_processing_keye_vl_2 import normalize_uint8, patchify
+
+    rng = np.random.default_rng(1)
+    videos = [torch.from_numpy(rng.integers(0, 256, (t, 3, h, w), dtype=np.uint8)) for t, h, w in ((37, 28, 56), (5, 56, 28))]
+    out = KeyeVL2VideoProcessor()._patches(videos, chunk=8)
+    want = torch.cat([patchify(normalize_uint8(f, [0.5] * 3, [0.5] * 3, 1 / 255), 14) for v in videos for f in v])
+    assert out.shape == (37 * 2 * 4 + 5 * 4 * 2, 588) and torch.equal(out, want)

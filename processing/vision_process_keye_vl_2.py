@@ -9,10 +9,17 @@ turn paths, URIs, PIL images and frame lists into the uint8 tensors the processo
 - :func:`sample_frame_indices`    ``round(linspace(0, n - 1, k))`` with round-half-to-even.
 - :func:`tokens_per_frame_cap`    the binary search of the authors' server = ``clamp(floor(B / k) + 1, 64, 256)``.
 - :func:`video_budget_pixels`     the token budget (optionally duration-adaptive, divided among videos).
-- :func:`plan_video`              all of the above for one video: indices, timestamps, frame size, tokens.
-- :func:`probe_video` / :func:`read_video`  PyAV readers: count frames, then decode *streaming* and keep only
-  the sampled frames, each resized to the shared frame size as soon as it is decoded; long videos skip the groups
-  of pictures that hold no sampled frame by seeking to keyframes (:func:`decode_frames`).
+- :class:`VideoSampling`          the typed, validated video options (fps or nframes, frame caps, pixel bounds,
+  budget, resized size, window); message items and keyword arguments are turned into one, unknown keys refused.
+- :func:`plan_video`              the only home of the frame-count and frame-size rules: indices, timestamps,
+  frame size, tokens for one video (files, frame lists and already-sampled arrays alike).
+- :func:`probe_video` / :func:`read_video`  PyAV readers: one definition of frame count, rate and duration, then
+  decode *streaming* and keep only the sampled frames (index ``i`` = the frame on screen at ``i / fps``), each
+  resized to the shared frame size as soon as it is decoded; long videos skip the groups of pictures that hold no
+  sampled frame by seeking to keyframes (:func:`decode_frames`).
+
+A video of a single frame (a still image given as a video) stays one frame: the rule's minimum of two frames is
+capped by the frames available (``min(max(n, 2), total_frames)``), as in the authors' code; nothing is repeated.
 - :func:`process_vision_info`     the qwen-vl-utils / keye-vl-utils entry point: messages -> (images, videos,
   video_kwargs).
 

@@ -191,3 +191,10 @@ def test_readme_video_example_runs_from_a_hub_folder(tmp_path):
     # cockatoo: 14 s, fps 1 -> 14 frames, capped at max_frames 4; 720 x 1280 under T = 256 tokens -> 336 x 588
     assert "GRID [[4, 24, 42]] NEW 8" in proc.stdout, proc.stdout
     assert "transformers_modules" in proc.stdout.split("MODULE", 1)[1]
+
+
+def test_still_image_given_as_a_video_is_one_frame():
+    """Documented choice: min(max(n, 2), total_frames) = 1 frame for a one-frame video; no frame is repeated."""
+    frame = Image.fromarray(np.full((56, 56, 3), 7, np.uint8))
+    _, videos, kw = one_video({"type": "video", "video": [frame]})
+    assert videos[0].shape == (1, 3, 224, 224) and kw["frame_indices"] == [[0]]  # 56 x 56 -> 64 tokens minimum

@@ -16,6 +16,7 @@ fi
 if ! python3 -c "import keye_vl.modeling_keye" 2>/dev/null; then
   mkdir -p /tmp/keye_shim/keye_vl && cp keye_vl/__init__.py /tmp/keye_shim/keye_vl/
   for d in modeling_keye processing kernels; do ln -sfn "$PWD/$d" "/tmp/keye_shim/keye_vl/$d"; done
+  ln -sfn "$PWD/keye_vl/training" /tmp/keye_shim/keye_vl/training  # the shared training library
   export PYTHONPATH=/tmp/keye_shim:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

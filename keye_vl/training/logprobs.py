@@ -49,9 +49,18 @@ class TokenStats:
     gathered: torch.Tensor | None = None        # [N, m] float32, log p of ``gather_ids``
 
 
+def _head(head, h: torch.Tensor) -> torch.Tensor:
+    """``head(h)``, with ``h`` cast to the head's weight dtype outside autocast (a bf16 hidden state from an
+    autocast forward meets an fp32 head here; under FSDP2 the mixed-precision policy casts inputs itself)."""
+    w = getattr(head, "weight", None)
+    if w is not None and not torch.is_autocast_enabled(h.device.type) and h.dtype != w.dtype and w.dtype.is_floating_point:
+        h = h.to(w.dtype)
+    return head(h)
+
+
 def _chunk_fn(head, temperature: float, topk: int, with_gather: bool):
     def fn(h, target, gather_ids):
-        logits = head(h).float()
+        logits = _head(head, h).float()
         if temperature != 1.0:
             logits = logits / temperature
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -112,6 +121,54 @@ def chunked_token_stats(hidden: torch.Tensor, head, targets: torch.Tensor, chunk
     return stats
 
 
+def completion_hidden(model, inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                      **forward_kwargs) -> torch.Tensor:
+    """[B, C, H] final hidden states at the positions that predict the completion tokens (position t predicts
+    token t + 1), from one forward of ``model`` over ``inputs`` with its output head bypassed.
+
+    Raises ValueError when ``input_ids`` does not end with ``completion_ids`` or the forward does not call its
+    output head exactly once on every position.
+    """
+    ids = inputs["input_ids"]
+    B, C = completion_ids.shape
+    if completion_mask.shape != (B, C) or ids.shape[0] != B or ids.shape[1] <= C:
+        raise ValueError(f"input_ids {tuple(ids.shape)} must end with completions {tuple(completion_ids.shape)} "
+                         f"(mask {tuple(completion_mask.shape)})")
+    if not torch.equal(ids[:, -C:], completion_ids):
+        raise ValueError("the last C tokens of input_ids are not completion_ids")
+    with lm_head_inputs(model) as box:
+        model(**inputs, logits_to_keep=0, **forward_kwargs)
+    if len(box) != 1:
+        raise ValueError(f"{type(model).__name__}'s forward called its output head {len(box)} times (expected once)")
+    hidden = box[0]
+    if hidden.shape[1] != ids.shape[1]:
+        raise ValueError("the output head did not get every position's hidden state")
+    L = ids.shape[1]
+    return hidden[:, L - C - 1: L - 1]
+
+
+def exact_reverse_kl(student_hidden: torch.Tensor, student_head, teacher_hidden: torch.Tensor, teacher_head,
+                     chunk_size: int = 256, temperature: float = 1.0) -> torch.Tensor:
+    """Per position ``KL(pi_S || pi_T) = sum_v pi_S(v) [log pi_S(v) - log pi_T(v)]`` over the whole vocabulary
+    ([N] float32, nats), ``chunk_size`` positions at a time, no gradient.
+
+    Args: the two models' final hidden states [N, H_S] / [N, H_T] at the same N positions and their output heads
+    (same vocabulary: the first min(V_S, V_T) ids are compared; the rest of the larger vocabulary is ignored).
+    """
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError("student and teacher hidden states must cover the same positions")
+    out = []
+    with torch.no_grad():
+        for s in range(0, student_hidden.shape[0], chunk_size):
+            ls = _head(student_head, student_hidden[s: s + chunk_size]).float() / temperature
+            lt = _head(teacher_head, teacher_hidden[s: s + chunk_size].to(ls.device)).float() / temperature
+            v = min(ls.shape[-1], lt.shape[-1])
+            ps = torch.log_softmax(ls[:, :v], -1)
+            pt = torch.log_softmax(lt[:, :v], -1)
+            out.append((ps.exp() * (ps - pt)).sum(-1))
+    return torch.cat(out) if out else student_hidden.new_zeros(0)
+
+
 def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                         chunk_size: int = 1024, temperature: float = 1.0, topk: int = 0,
                         gather_ids: torch.Tensor | None = None, **forward_kwargs) -> dict[str, torch.Tensor]:
@@ -131,22 +188,8 @@ def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, compl
     Raises:
         ValueError: shapes that disagree, or a model whose forward does not call its output head.
     """
-    ids = inputs["input_ids"]
+    h = completion_hidden(model, inputs, completion_ids, completion_mask, **forward_kwargs)
     B, C = completion_ids.shape
-    if completion_mask.shape != (B, C) or ids.shape[0] != B or ids.shape[1] <= C:
-        raise ValueError(f"input_ids {tuple(ids.shape)} must end with completions {tuple(completion_ids.shape)} "
-                         f"(mask {tuple(completion_mask.shape)})")
-    if not torch.equal(ids[:, -C:], completion_ids):
-        raise ValueError("the last C tokens of input_ids are not completion_ids")
-    with lm_head_inputs(model) as box:
-        model(**inputs, logits_to_keep=0, **forward_kwargs)
-    if len(box) != 1:
-        raise ValueError(f"{type(model).__name__}'s forward called its output head {len(box)} times (expected once)")
-    hidden = box[0]
-    if hidden.shape[1] != ids.shape[1]:
-        raise ValueError("the output head did not get every position's hidden state")
-    L = ids.shape[1]
-    h = hidden[:, L - C - 1: L - 1]  # position t predicts token t + 1
     keep = completion_mask.bool()
     rows = keep.reshape(-1).nonzero().squeeze(1)
     flat_h = h.reshape(B * C, -1).index_select(0, rows)

@@ -321,8 +321,10 @@ def generate_rollouts(model, batch: dict, num_return_sequences: int, max_new_tok
     mask = completion_mask_from(completions, list(eos_token_ids))
     completions = torch.where(mask.bool(), completions, torch.full_like(completions, pad_token_id))
     if vision_grad and cache is not None:
-        cache = None  # the training forward recomputes the features with gradients (see VisionFeatureCache)
-        vision = {}
+        # the training forward recomputes the features with gradients: give it every row's own pixels
+        cache = None
+        full = repeat_rows(batch, G, cfg.vision_config.spatial_merge_size ** 2, token_ids)
+        vision = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
     return RolloutBatch(
         prompt_ids=rows["input_ids"], prompt_mask=rows["attention_mask"], completion_ids=completions,
         completion_mask=mask, sampler_logprobs=mu * mask, group=torch.arange(B).repeat_interleave(G),

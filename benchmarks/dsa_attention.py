@@ -11,6 +11,12 @@ key head, top-k 2048, bf16, batch 1 unless stated. Measures, each with its peak 
 * forward+backward at ``--train-context``: dense cuDNN / flash vs DSA (top-k without grad + sparse attention
   forward and backward; the indexer KL loss, sparse stage, timed separately).
 
+Each prefill and training row is measured on random inputs (near-random selections: neighbouring queries share
+a few percent of their keys) and, for each ``--persist`` P, on structured ones (``dsa_inputs.py``: sinks, a local
+window and key clusters persisting for P queries; P = 4 is close to the selections the Keye-VL-2.0 report
+describes): top-k on indexer inputs of that shape, sparse attention on exact lists of that shape, with the lists'
+neighbour overlap and 16-query union size beside each time.
+
 Times are medians of CUDA-event-timed calls after a warm-up call (compilation excluded). Writes JSON to
 ``--output`` after every measurement (a crash or timeout keeps what was done) and prints a table at the end.
 Run on the GPU machine: ``python benchmarks/dsa_attention.py --output results.json``.
@@ -27,7 +33,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from dsa_inputs import list_stats, structured_indexer_inputs, structured_indices
+
 HQ, HKV, D, HI, DI, TOPK = 32, 4, 128, 16, 64, 2048
+PERSIST = [1, 4, 8, 16]  # structured-input P values (--persist)
 
 
 def _import_kernels():
@@ -223,10 +232,33 @@ def measure_prefill(rec, tri, S, reps_budget, dense=True):
         for backend in ("cudnn", "flash"):
             if f"dense_{backend}_ms" in row:
                 row[f"dsa_over_{backend}"] = row["dsa_total_ms"] / row[f"dense_{backend}_ms"]
+        row["random_lists"] = list_stats(idx)
         del idx
     except Exception as exc:  # noqa: BLE001
         rec.error(f"prefill {S} dsa", exc)
         traceback.print_exc()
+    for P in PERSIST:  # structured inputs (sinks, local window, clusters persisting for P queries)
+        try:
+            st = _topk_stats(tri)
+            st0 = dict(st)
+            qs, ws, ks = structured_indexer_inputs(S, persist=P, H=HI, D=DI, device="cuda", dtype=torch.bfloat16)
+            sel = tri.dsa_topk_indices(qs, ws, ks, TOPK)
+            r = dict(indexer_lists=list_stats(sel), fallback_rows=st["fallback_rows"] - st0["fallback_rows"])
+            r["dsa_topk_ms"] = bench(lambda: tri.dsa_topk_indices(qs, ws, ks, TOPK), reps_budget, min_reps=2)
+            del qs, ws, ks, sel
+            sidx = structured_indices(S, topk=TOPK, persist=P, device="cuda")
+            r["lists"] = list_stats(sidx)
+            r["dsa_sparse_fwd_ms"] = bench(lambda: tri.sparse_attention(q, k, v, sidx, scaling=scaling), reps_budget,
+                                           min_reps=2)
+            r["dsa_total_ms"] = r["dsa_topk_ms"] + r["dsa_sparse_fwd_ms"]
+            for backend in ("cudnn", "flash"):
+                if f"dense_{backend}_ms" in row:
+                    r[f"dsa_over_{backend}"] = r["dsa_total_ms"] / row[f"dense_{backend}_ms"]
+            row[f"structured_p{P}"] = r
+            del sidx
+        except Exception as exc:  # noqa: BLE001
+            rec.error(f"prefill {S} structured P={P}", exc)
+            traceback.print_exc()
     rec.add("prefill", row)
     del q, k, v, qi, wi, ki
     torch.cuda.empty_cache()
@@ -327,6 +359,17 @@ def measure_train(rec, tri, S, reps_budget):
 
         row["indexer_kl_sparse_fwd_bwd_ms"] = bench(kl, reps_budget, min_reps=2)
         del o, idx
+        for P in PERSIST:
+            sidx = structured_indices(S, topk=TOPK, persist=P, device="cuda")
+            o = tri.sparse_attention(q, k, v, sidx, scaling=scaling)
+            r = {"lists": list_stats(sidx)}
+            r["dsa_sparse_fwd_ms"] = bench(lambda: tri.sparse_attention(q, k, v, sidx, scaling=scaling).detach(),
+                                           reps_budget, min_reps=2)
+            r["dsa_sparse_bwd_ms"] = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True),
+                                           reps_budget, min_reps=2)
+            r["dsa_sparse_bwd_tflops"] = 10 * HQ * D * int((sidx >= 0).sum()) / r["dsa_sparse_bwd_ms"] / 1e9
+            row[f"structured_p{P}"] = r
+            del sidx, o
     except Exception as exc:  # noqa: BLE001
         rec.error(f"train {S} dsa", exc)
         traceback.print_exc()
@@ -477,7 +520,12 @@ def main(argv=None):
     p.add_argument("--sweep", type=int, default=0,
                    help="first time config variants at this context and keep the fastest correct ones (0 = no)")
     p.add_argument("--set", action="append", default=[], help="CONFIG override key=value (top-k or attention)")
+    p.add_argument("--persist", default="1,4,8,16",
+                   help="P values of the structured inputs measured beside the random ones (benchmarks/dsa_inputs.py); "
+                        "empty: random inputs only")
     a = p.parse_args(argv)
+    global PERSIST
+    PERSIST = [int(x) for x in a.persist.split(",") if x]
     if not torch.cuda.is_available():
         sys.exit("benchmarks/dsa_attention.py needs a CUDA GPU")
     tri = _import_kernels()

@@ -1561,6 +1561,10 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
                 model_inputs[key] = None
         model_inputs["position_ids"] = None
         model_inputs.pop("cache_position", None)
+        if isinstance(cache, KeyeVL2StaticCache) and not first_step:
+            # a static-cache decode step reads the prompt's padding from the cache; the growing 2-D mask would only
+            # change the compiled step's input shapes every token
+            model_inputs.pop("attention_mask", None)
         return model_inputs
 
 

@@ -173,6 +173,26 @@ def test_static_decode_step_traces_as_one_graph_without_recompiling(impl):
     assert int(cache.get_seq_length()) == int(eager_cache.get_seq_length()) == 20
 
 
+def test_generate_compile_path_compiles_the_decode_step_once():
+    """transformers' own compile path (the one CUDA gets by default with a static cache; forced on CPU here, with
+    the graph-capturing backend replaced by one that records graphs): every decode step of a left-padded batch runs
+    the same single graph (no break, no recompilation as the sequence grows), and the tokens equal the default
+    cache's."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    model = make_model("dsa_torch", seed=5).to(torch.bfloat16)  # bf16: the meta kernel of grouped_mm rejects fp32
+    ids, mask, vision = rows_for("image", 2, torch.Generator().manual_seed(21))
+    frames = []
+    cc = CompileConfig(backend=lambda gm, _: frames.append(gm) or gm.forward, fullgraph=True, dynamic=False, mode=None)
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    dyn = generate(model, ids, mask, vision, static=False, max_new_tokens=8, do_sample=False)
+    sta = generate(model, ids, mask, vision, static=True, max_new_tokens=8, do_sample=False, compile_config=cc)
+    assert hasattr(model, "_compiled_call") and len(frames) == 1
+    assert torch.equal(sta.sequences, dyn.sequences)
+
+
 # ----------------------------------------------------------------------------- 3. documented behaviour
 def test_sampling_and_num_return_sequences_match_dynamic():
     model = make_model("dsa_torch", seed=6)

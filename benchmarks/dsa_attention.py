@@ -33,6 +33,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from _meta import run_meta
 from dsa_inputs import list_stats, structured_indexer_inputs, structured_indices
 
 HQ, HKV, D, HI, DI, TOPK = 32, 4, 128, 16, 64, 2048
@@ -535,8 +536,7 @@ def main(argv=None):
         cfg[key] = type(cfg[key])(val)
     import triton
 
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                shapes=dict(Hq=HQ, Hkv=HKV, D=D, H_I=HI, D_I=DI, topk=TOPK, dtype="bf16"),
+    meta = dict(run_meta(), shapes=dict(Hq=HQ, Hkv=HKV, D=D, H_I=HI, D_I=DI, topk=TOPK, dtype="bf16"),
                 topk_config=dict(tri.TOPK_CONFIG), attn_config=dict(tri.CONFIG), started=time.ctime())
     rec = Recorder(a.output, meta)
     torch.manual_seed(0)

@@ -106,6 +106,10 @@ def main() -> None:
 
     # the child's whole-life peak as the kernel accounts it (ru_maxrss of the waited-for child, KiB)
     result["child_ru_maxrss_incl_checks_MiB"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _meta import run_meta
+
+    result["meta"] = run_meta()
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

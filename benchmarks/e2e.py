@@ -36,7 +36,6 @@ import importlib.util
 import inspect
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -729,18 +728,13 @@ PHASE_SHARE = {"moe": 30.0, "keye_sdpa": 120.0, "qwen3_vl_moe": 110.0, "keye_dsa
 def environment(device, dtype, args) -> dict:
     import transformers
 
-    meta = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype), "tiny": args.tiny,
-        "git_sha": os.environ.get("KEYE_GIT_SHA"), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget,
-    }
-    try:
-        import triton
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _meta import run_meta
 
-        meta["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        meta["triton"] = None
-    meta["plan"] = make_plan(args.tiny)
+    meta = run_meta()
+    meta.update({"device": torch.cuda.get_device_name() if device == "cuda" else meta["device"],
+                 "transformers": transformers.__version__, "dtype": str(dtype), "tiny": args.tiny,
+                 "budget_s": args.budget, "plan": make_plan(args.tiny)})
     return meta
 
 

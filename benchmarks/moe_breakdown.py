@@ -98,6 +98,9 @@ def main(argv=None):
         if isinstance(res[key], float) and key not in ("active_gflop",) and not key.startswith("ratio"):
             res[key] = round(res[key] * 1e3, 4)  # ms
     res["units"] = "ms (median), ratios unitless"
+    from _meta import run_meta  # beside this file (already on sys.path for the e2e import)
+
+    res["meta"] = run_meta(argv)
     print(json.dumps(res, indent=1))
     return 0
 

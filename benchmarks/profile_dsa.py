@@ -67,6 +67,9 @@ def main(argv=None):
         print(name)
         for kname, ms in d.items():
             print(f"  {ms:10.3f}  {kname}")
+    from _meta import run_meta
+
+    res["meta"] = run_meta()
     with open(a.output, "w") as f:
         json.dump(res, f, indent=1)
 

@@ -534,8 +534,6 @@ def main(argv=None):
         key, val = kv.split("=")
         cfg = tri.TOPK_CONFIG if key in tri.TOPK_CONFIG else tri.CONFIG
         cfg[key] = type(cfg[key])(val)
-    import triton
-
     meta = dict(run_meta(), shapes=dict(Hq=HQ, Hkv=HKV, D=D, H_I=HI, D_I=DI, topk=TOPK, dtype="bf16"),
                 topk_config=dict(tri.TOPK_CONFIG), attn_config=dict(tri.CONFIG), started=time.ctime())
     rec = Recorder(a.output, meta)

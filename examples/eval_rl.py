@@ -114,13 +114,27 @@ def read_jsonl(path: str) -> list[dict]:
 
 def generate_predictions(model, processor, tasks: Sequence[Mapping], base_dir: str, batch_size: int = 8,
                          max_new_tokens: int = 64) -> list[str]:
-    """Greedy completions of each task's prompt (batched ``generate`` through the shared rollout code)."""
-    from keye_vl.training.rollout import generate_completions  # noqa: WPS433 (shared library, issue 13)
+    """Greedy completions of each task's prompt, ``batch_size`` prompts per batched ``generate`` (the shared rollout
+    code with top-k 1, i.e. argmax decoding; DSA with the indexer cache)."""
+    import torch
 
+    from keye_vl.training.data import PromptEncoder, collate_prompts
+    from keye_vl.training.rollout import generate_rollouts
+
+    tok = processor.tokenizer
+    eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else tok.pad_token_id
+    encoder = PromptEncoder(processor, base_dir=base_dir)
+    device = next(model.parameters()).device
     texts = []
     for i in range(0, len(tasks), batch_size):
-        texts += generate_completions(model, processor, tasks[i: i + batch_size], base_dir=base_dir,
-                                      max_new_tokens=max_new_tokens, do_sample=False)
+        chunk = [dict(t) for t in tasks[i: i + batch_size]]
+        batch = {k: v.to(device) for k, v in collate_prompts([encoder(t) for t in chunk], pad).items()}
+        with torch.no_grad():
+            rb = generate_rollouts(model, batch, 1, max_new_tokens, eos, pad, top_k=1)
+        lengths = rb.completion_mask.sum(1).tolist()
+        texts += tok.batch_decode([ids[:n] for ids, n in zip(rb.completion_ids.tolist(), lengths)],
+                                  skip_special_tokens=True)
     return texts
 
 
@@ -130,6 +144,8 @@ def main(argv: Iterable[str] | None = None) -> dict:
     ap.add_argument("--predictions", default=None, help="JSONL of {id, prediction}; default: generate with the model")
     ap.add_argument("--model_name_or_path", default=None)
     ap.add_argument("--model_config", default=None, help="random model instead: 'tiny' or a JSON config")
+    ap.add_argument("--processor_name_or_path", default=None)
+    ap.add_argument("--attn_implementation", default=None)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--output", required=True, help="report JSON path")
@@ -142,9 +158,16 @@ def main(argv: Iterable[str] | None = None) -> dict:
     else:
         if not (args.model_name_or_path or args.model_config):
             raise SystemExit("give --predictions or a model (--model_name_or_path / --model_config)")
-        from keye_vl.training.models import load_model_and_processor  # shared library (issue 13)
+        import torch
 
-        model, processor = load_model_and_processor(args.model_name_or_path, args.model_config)
+        from keye_vl.training.data import load_processor
+        from keye_vl.training.models import build_model
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = build_model(args.model_name_or_path, args.model_config, args.attn_implementation, device, dtype)
+        model.to(device).eval()
+        processor = load_processor(args.processor_name_or_path or args.model_name_or_path)
         texts = generate_predictions(model, processor, tasks, os.path.dirname(os.path.abspath(args.tasks)),
                                      args.batch_size, args.max_new_tokens)
         preds = {t["id"]: x for t, x in zip(tasks, texts)}

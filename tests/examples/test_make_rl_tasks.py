@@ -37,7 +37,7 @@ def tasks(tmp_path_factory):
     gen = _load_generator()
     counts = gen.main(["--output_dir", str(out), "--seed", "3", "--num_grounding", "4", "--num_multi_grounding", "2",
                        "--num_needle", "6", "--num_context", "2", "--context_lengths", "1500",
-                       "--tokenizer", "chars", "--long_needle_frames", "30"])
+                       "--tokenizer", "chars", "--long_needle_frames", "30", "--sft"])
     video = [json.loads(line) for line in open(out / "video.jsonl")]
     context = [json.loads(line) for line in open(out / "context.jsonl")]
     assert counts == {"video": 12, "context": 6} and len(video) == 12 and len(context) == 6
@@ -191,3 +191,17 @@ def test_context_answers_reparsed(tasks):
         else:
             name = re.search(r"How many times is (.+?) mentioned", question).group(1)
             assert rec["solution"] == body.count(name) and 1 <= rec["solution"] <= 6
+
+
+def test_sft_answers_score_full_reward(tasks):
+    """The warm-up file's canonical answers parse back to the exact solution under the trainer's rewards."""
+    from keye_vl.training.rewards import compute_rewards
+
+    out, video, context = tasks
+    sft = [json.loads(line) for line in open(out / "video_sft.jsonl")] + \
+        [json.loads(line) for line in open(out / "context_sft.jsonl")]
+    assert len(sft) == len(video) + len(context)
+    for rec, s in zip(video + context, sft):
+        assert s["messages"][:-1] == rec["messages"] and s["messages"][-1]["role"] == "assistant"
+        total, _ = compute_rewards(s["messages"][-1]["content"][0]["text"], rec)
+        assert total == 1.0, (rec["id"], s["messages"][-1])

@@ -60,19 +60,22 @@ def _args(tmp_path, train_file, **kw):
     return rl.RLArguments(**base)
 
 
-def test_rollout_logprobs_and_dsa_topk_equal_full_forward(processor, monkeypatch):
+@pytest.mark.parametrize("impl", ["dsa_torch", pytest.param("dsa_triton", marks=pytest.mark.gpu)])
+def test_rollout_logprobs_and_dsa_topk_equal_full_forward(processor, monkeypatch, impl):
     """Sampled with the indexer cache (prefill + one token at a time), scored by the trainer's chunked forward over
     [prompt | completion]: equal log-probs, and exactly the same DSA top-k key lists at every position, past
-    top-k (16 in the tiny model, prompts of 30+ tokens, left padding)."""
-    model = _model().eval()
+    top-k (16 in the tiny model, prompts of 30+ tokens, left padding). On the GPU with the Triton kernels too."""
+    device = "cuda" if impl == "dsa_triton" else "cpu"
+    model = _model().to(device).eval()
+    model.set_attn_implementation(impl)
     enc = D.PromptEncoder(processor)
     prompts = [enc(_text_record(" ".join(QUESTIONS))), enc(_text_record(" ".join(QUESTIONS[::-1])))]
     prompts[1]["input_ids"] = prompts[1]["input_ids"][3:]  # different lengths: the shorter row is left-padded
-    batch = D.collate_prompts(prompts, model.config.pad_token_id)
+    batch = {k: v.to(device) for k, v in D.collate_prompts(prompts, model.config.pad_token_id).items()}
     P = batch["input_ids"].shape[1]
     assert P > 2 * model.config.sa_config["topk"]
     calls = []
-    dsa_ref = modeling.dsa_reference  # the module the model calls (its CPU DSA backend)
+    dsa_ref = modeling.dsa_triton if impl == "dsa_triton" else modeling.dsa_reference  # the backend the model calls
     orig = dsa_ref.dsa_topk_indices
 
     def recording(*a, **k):

@@ -79,6 +79,9 @@ class MOPDArguments(OutputArguments, LoraArguments, OptimArguments, DataArgument
     temperature: float = 1.0
     top_k: int = field(default=0, metadata={"help": "Sampling top-k (0 = off); mu is recorded after it."})
     top_p: float = 1.0
+    cache_implementation: Optional[str] = field(default=None, metadata={
+        "help": "generate's cache: None (the dynamic KeyeVL2Cache) | static (the fast path: preallocated cache, "
+                "CUDA-graph decode on one GPU; see README 'Fast generation')."})
     eps_low: float = field(default=0.5, metadata={"help": "Importance weights below this get no gradient."})
     eps_high: float = field(default=2.0, metadata={"help": "Importance weights above this get no gradient."})
     alpha: float = field(default=0.0, metadata={"help": "Weight of the outcome-reward advantage A_ORM."})
@@ -351,7 +354,8 @@ def heldout_kl(model, pool: TeacherPool, prompts: list[dict], args, text_encoder
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_token_id).items()}
     with unsharded_for_rollout(model), autocast():
         rb = generate_rollouts(model, batch, 1, args.eval_max_new_tokens or args.max_new_tokens, eos_ids, pad_token_id,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator_seed=seed)
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator_seed=seed,
+                               **_generate_kwargs(args))
         with rb.serve(model), torch.no_grad():
             h_s = completion_hidden(model, rb.model_inputs(), rb.completion_ids, rb.completion_mask)
     kls, per = [], {}
@@ -482,6 +486,7 @@ def main(args: MOPDArguments | None = None, processor=None) -> dict:
             with unsharded_for_rollout(model), autocast():
                 rb = generate_rollouts(model, batch, G, args.max_new_tokens, eos_ids, pad_id, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, vision_grad=not frozen_vision,
+                                       **_generate_kwargs(args),
                                        generator_seed=(args.seed * 1_000_003 + step * 1009 + micro * 17
                                                        + accelerator.process_index * 7_919_111) % (2**63))
             n_rollout_tokens += rb.num_tokens
@@ -563,6 +568,10 @@ def main(args: MOPDArguments | None = None, processor=None) -> dict:
         summary["final_dir"] = save_final(accelerator, model, processor, args.output_dir, adapter_only=args.lora)
     log.finish(summary)
     return {"history": history, **summary, "model": accelerator.unwrap_model(model), "pool": pool}
+
+
+def _generate_kwargs(args) -> dict:
+    return {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
 
 
 def _mean(xs):

@@ -139,6 +139,17 @@ def test_rollout_logprobs_equal_training_forward_and_vision_runs_once(model, pro
     assert (rb.sampler_logprobs < 0).all()  # every token is real (no end token in 10 random-model tokens)
 
 
+def test_static_cache_rollouts_equal_the_dynamic_cache(model, prompts):
+    """The fast generation path (``cache_implementation="static"``, eager here) samples the same tokens with the same
+    recorded log-probs."""
+    batch = D.collate_prompts([prompts[0], prompts[2]], model.config.pad_token_id)
+    a = R.generate_rollouts(model, batch, 2, 6, EOS, model.config.pad_token_id, generator_seed=3)
+    b = R.generate_rollouts(model, batch, 2, 6, EOS, model.config.pad_token_id, generator_seed=3,
+                            cache_implementation="static", disable_compile=True)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.sampler_logprobs, b.sampler_logprobs, rtol=0, atol=1e-6)
+
+
 def test_top_k_one_records_log_one(model, prompts):
     """With top-k 1 the sampler is greedy: every recorded log mu is log 1 = 0 and the tokens are the argmax."""
     batch = D.collate_prompts(prompts[2:], model.config.pad_token_id)

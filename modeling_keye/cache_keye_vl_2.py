@@ -457,12 +457,17 @@ class KeyeVL2StaticCache(Cache):
                 raise ValueError("KeyeVL2StaticCache needs a config or num_layers")
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             num_layers = int(text.num_hidden_layers)
-        self.max_cache_len = int(max_cache_len)
-        super().__init__(layers=[KeyeVL2StaticCacheLayer(self.max_cache_len) for _ in range(int(num_layers))])
+        self._capacity = int(max_cache_len)
+        super().__init__(layers=[KeyeVL2StaticCacheLayer(self._capacity) for _ in range(int(num_layers))])
         self.key_mask: torch.Tensor | None = None
         self.prefilled = False
         self.prefill_length = 0
         self.check_capacity = True
+
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens per layer (a property in transformers' ``Cache``; fixed here)."""
+        return self._capacity
 
     # ------------------------------------------------------------------ model-side helpers
     def set_key_mask(self, attention_mask: torch.Tensor | None, start: int, end: int, batch: int,

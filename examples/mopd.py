@@ -169,8 +169,10 @@ class TeacherPool:
     """Teachers by name, loaded as ``--teacher_residency`` says. ``loaded_now`` / ``max_loaded`` / ``loads`` count
     models in memory (the one-at-a-time guarantee is checked against them in the tests)."""
 
-    def __init__(self, table: RoutingTable, residency: str, device, dtype: torch.dtype, attn_implementation: str | None):
+    def __init__(self, table: RoutingTable, residency: str, device, dtype: torch.dtype, attn_implementation: str | None,
+                 vocab_size: int = 0):
         self.table, self.residency, self.device, self.dtype = table, residency, device, dtype
+        self.vocab_size = vocab_size  # the student's tokenizer size: a teacher must score every id of it
         self.attn = attn_implementation
         self._models: dict[str, tuple] = {}
         self.loads = 0
@@ -186,6 +188,11 @@ class TeacherPool:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             model, multimodal = load_any_causal_lm(spec.path, dtype=self.dtype,
                                                    attn_implementation=self.attn if _is_keye(spec.path) else None)
+        head = model.get_output_embeddings()
+        rows = head.weight.shape[0] if head is not None else 0
+        if rows < self.vocab_size:
+            raise ValueError(f"teacher {spec.name!r} ({spec.path}) has {rows} output rows but the student's tokenizer has "
+                             f"{self.vocab_size} tokens: teachers must share the student's vocabulary")
         for p in model.parameters():
             p.requires_grad_(False)
         self.loads += 1
@@ -439,7 +446,7 @@ def main(args: MOPDArguments | None = None, processor=None) -> dict:
     text_encoder = PromptEncoder(processor, text_only=True)
     stream = RecordStream(args.train_file, rank=accelerator.process_index, world_size=accelerator.num_processes, state=state)
     dtype = getattr(torch, args.teacher_dtype)
-    pool = TeacherPool(table, args.teacher_residency, device, dtype, args.attn_implementation)
+    pool = TeacherPool(table, args.teacher_residency, device, dtype, args.attn_implementation, vocab_size=len(tok))
     eval_prompts = []
     if args.eval_file:
         eval_enc = PromptEncoder(processor, base_dir=os.path.dirname(os.path.abspath(args.eval_file)))

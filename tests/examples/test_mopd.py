@@ -313,6 +313,16 @@ def test_resume_is_bitwise_identical_with_lora(processor, student_ckpt, teachers
 
 
 def test_routing_table_errors(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    small = tmp_path / "small_vocab"
+    Qwen3ForCausalLM(Qwen3Config(**{**MT.TINY_QWEN3, "vocab_size": 1000})).save_pretrained(small)
+    (tmp_path / "t.json").write_text(json.dumps({"teachers": {"s": {"path": str(small)}}, "default": "s"}))
+    pool = M.TeacherPool(M.RoutingTable(str(tmp_path / "t.json")), "load", torch.device("cpu"), torch.float32, None,
+                         vocab_size=151669)
+    with pytest.raises(ValueError, match="share the student's vocabulary"):
+        with pool.use("s"):
+            pass
     p = tmp_path / "bad.json"
     p.write_text(json.dumps({"teachers": {"a": {"path": "x"}}, "routes": {"math": "b"}}))
     with pytest.raises(ValueError, match="unknown teachers"):

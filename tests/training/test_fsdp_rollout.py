@@ -2,7 +2,8 @@
 
 ``unsharded_for_rollout`` must all-gather each FSDP unit once for the whole ``generate`` (instead of every layer
 for every decoded token), give the same samples as the plain sharded run and as the unsharded model, and leave the
-parameters sharded again afterwards, with training still working.
+parameters sharded again afterwards; a MOPD training step (chunked log-probs, loss, backward) under FSDP2 after it
+equals the unsharded model's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ WORKER = textwrap.dedent('''
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         new = 6
         ref = R.generate_rollouts(model, batch, 2, new, [151645], 151643, generator_seed=0)
+        import copy
+        from keye_vl.training.logprobs import completion_logprobs
+        from keye_vl.training import losses as L
+
+        def mopd_step(m, rb):
+            # the trainer's loss on this rollout, with a fixed stand-in teacher (sampler log-probs - 0.1 per token)
+            lp = completion_logprobs(m, rb.model_inputs(), rb.completion_ids, rb.completion_mask, chunk_size=5)
+            w, _ = L.truncated_importance_weights(lp["logprobs"], rb.sampler_logprobs, 0.5, 2.0)
+            adv = L.mopd_advantages(rb.sampler_logprobs - 0.1, lp["logprobs"])
+            loss = L.mopd_loss(lp["logprobs"], adv, w, rb.completion_mask)
+            loss.backward()
+            return loss
+
+        plain = copy.deepcopy(model).train()
+        ref_loss = float(mopd_step(plain, ref))
+        ref_grad = plain.model.layers[0].self_attn.q_proj.weight.grad.clone()
         mesh = init_device_mesh("cpu", (2,))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -60,9 +77,11 @@ WORKER = textwrap.dedent('''
                          "mu_diff": float((rb.sampler_logprobs - ref.sampler_logprobs).abs().max())}
             res[mode]["sharded_after"] = all(isinstance(p.data, DTensor) for p in model.parameters())
         model.train()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        res["loss"] = float(loss)
+        loss = mopd_step(model, rb)  # training layout again: per-layer all-gathers, reduce-scattered gradients
+        g = model.model.layers[0].self_attn.q_proj.weight.grad.full_tensor()
+        res["loss"], res["ref_loss"] = float(loss), ref_loss
+        res["grad_diff"] = float((g - ref_grad).abs().max())
+        res["grad_norm"] = float(ref_grad.norm())
         res["units"] = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
         json.dump(res, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
         dist.destroy_process_group()
@@ -106,3 +125,7 @@ def test_unsharded_for_rollout_gathers_each_unit_once(tmp_path):
         assert u["mu_diff"] < 1e-5 and p["mu_diff"] < 1e-5
         assert u["sharded_after"]  # (plain FSDP2 keeps the root gathered after a forward)
     assert r0["loss"] == r1["loss"] and r0["unshard"]["tokens"] == r1["unshard"]["tokens"]
+    # the MOPD step through the chunked log-probs under FSDP2 == the unsharded model's (both ranks hold the same
+    # batch here, so the averaged gradient equals the single-process one)
+    assert abs(r0["loss"] - r0["ref_loss"]) < 1e-5 and r0["grad_norm"] > 0
+    assert r0["grad_diff"] < 1e-5 * max(1.0, r0["grad_norm"])

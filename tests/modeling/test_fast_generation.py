@@ -114,6 +114,33 @@ def test_chunked_prefill_returns_whole_sequence_hidden_states_and_attentions(imp
         assert float(chunked.attentions[1][0, 0, 3, 4:].abs().sum()) == 0.0  # causal: nothing past the query
 
 
+def test_static_cache_api_in_place_writes_crop_reorder_and_memory():
+    cache = KeyeVL2StaticCache(num_layers=2, max_cache_len=8)
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).view(2, 1, 3, 2)  # [B, H, T, D]
+    for i in range(2):
+        keys, values = cache.update(k, -k, i)
+        ik = cache.update_indexer(k[:, 0] + 100, i)
+    assert keys.shape == (2, 1, 8, 2) and ik.shape == (2, 8, 2)  # whole buffers
+    assert torch.equal(keys[:, :, :3], k) and bool((keys[:, :, 3:] == 0).all())
+    assert int(cache.get_seq_length()) == 3 and cache.get_max_cache_shape() == 8
+    ptr = cache.layers[0]._k.data_ptr()
+    cache.crop(-1)  # drop the last token: the next update overwrites position 2
+    cache.update(k[:, :, :1] + 50, k[:, :, :1], 0)
+    assert int(cache.get_seq_length()) == 3 and torch.equal(cache.layers[0]._k[:, 2, 0], (k[:, 0, 0] + 50))
+    cache.crop(2)  # keep the first 2 (absolute convention)
+    assert int(cache.layers[1].cumulative_length) == 2 and int(cache.layers[1].indexer_cumulative_length) == 2
+    before = cache.layers[1]._ik.clone()
+    cache.set_key_mask(torch.tensor([[0, 1], [1, 1]]), 0, 2, 2, torch.device("cpu"))
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(cache.layers[1]._ik, before.flip(0)) and cache.layers[0]._k.data_ptr() == ptr
+    assert cache.key_mask.tolist() == [[True] * 8, [False] + [True] * 7]
+    assert cache.memory_bytes() == {"kv_allocated": 2 * 2 * (2 * 8 * 1 * 2 * 4), "indexer_allocated": 2 * 2 * 8 * 2 * 4}
+    cache.reset()
+    assert not cache.prefilled and int(cache.get_seq_length()) == 0 and cache.layers[0]._k.data_ptr() == ptr
+    with pytest.raises(ValueError, match="max_cache_len >= 1"):
+        KeyeVL2StaticCache(num_layers=2, max_cache_len=0)
+
+
 # ----------------------------------------------------------------------------- decode top-k == reference
 def test_decode_topk_equals_reference_including_ties_zeros_and_nan():
     g = torch.Generator().manual_seed(0)

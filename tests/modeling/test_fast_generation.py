@@ -77,6 +77,20 @@ def test_static_cache_greedy_equals_dynamic(impl, kind, batch):
         assert int(mask.sum(1).max()) + 9 > TOPK
 
 
+def test_static_cache_with_chunked_prefill_equals_dynamic():
+    """model.config.prefill_chunk_size: the static cache's prefill runs in chunks (host-known offsets, padding mask
+    written chunk by chunk) and decodes like the default cache (image prompt split inside the image)."""
+    model = make_model("dsa_torch", seed=12)
+    model.config.prefill_chunk_size = 7
+    ids, mask, vision = rows_for("image", 3, torch.Generator().manual_seed(31))
+    dyn = generate(model, ids, mask, vision, static=False, max_new_tokens=6, do_sample=False)
+    sta = generate(model, ids, mask, vision, static=True, max_new_tokens=6, do_sample=False)
+    assert torch.equal(sta.sequences, dyn.sequences)
+    for a, b in zip(sta.logits, dyn.logits, strict=True):
+        assert (a - b).abs().max().item() < 1e-4
+    assert torch.equal(output_cache(sta).key_mask[:, : ids.shape[1]], mask.bool())
+
+
 def test_static_cache_buffers_keep_their_addresses_and_hold_the_padding_mask():
     model = make_model("dsa_torch", seed=1)
     ids, mask, vision = rows_for("text", 3, torch.Generator().manual_seed(5))
@@ -271,6 +285,8 @@ def test_max_new_tokens_past_the_cache_size_is_a_clear_error():
     hook.remove()
     with pytest.raises(ValueError, match="cache_implementation='offloaded_static' is not supported"):
         model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="offloaded_static")
+    with pytest.raises(ValueError, match="set model.config.prefill_chunk_size instead"):
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static", prefill_chunk_size=4)
     with pytest.raises(ValueError, match="max_position_embeddings=32768"):
         model.generate(input_ids=ids, max_new_tokens=40000, cache_implementation="static")
     # a hand-written decode loop on a full cache: a clear error, not an index error inside index_copy_

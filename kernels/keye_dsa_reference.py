@@ -103,27 +103,36 @@ def _check_indexer_inputs(q: Tensor, w: Tensor, k: Tensor) -> Tuple[int, int, in
     return B, T, H, D, k.shape[1]
 
 
-def _q_offsets(q_offset, B: int, T: int, S: int, device) -> Tensor:
-    """q_offset (None | int | LongTensor [B]) -> LongTensor [B]; queries are keys q_offset .. q_offset+T-1."""
-    if q_offset is None:
-        off = torch.full((B,), S - T, dtype=torch.long, device=device)
-    elif isinstance(q_offset, Tensor):
-        if q_offset.dtype.is_floating_point or q_offset.dtype == torch.bool or q_offset.is_complex():
-            raise ValueError(f"q_offset must be an integer tensor, got dtype {q_offset.dtype}")
-        if q_offset.dim() == 0:
-            off = q_offset.to(device=device, dtype=torch.long).expand(B).clone()
-        elif tuple(q_offset.shape) == (B,):
-            off = q_offset.to(device=device, dtype=torch.long)
-        else:
-            raise ValueError(f"q_offset must be an int or a LongTensor [B={B}], got shape {tuple(q_offset.shape)}")
-    elif isinstance(q_offset, int) and not isinstance(q_offset, bool):
-        off = torch.full((B,), q_offset, dtype=torch.long, device=device)
-    else:
-        raise ValueError(f"q_offset must be None, an int or a LongTensor [B], got {type(q_offset).__name__}")
-    if B > 0 and (bool((off < 0).any()) or bool((off + T > S).any())):
-        raise ValueError(f"q_offset must satisfy 0 <= q_offset and q_offset + T <= S (T={T}, S={S}), "
-                         f"got {off.tolist()}")
-    return off
+def _q_offsets(q_offset, B: int, T: int, S: int, device) -> Tuple[Tensor, int]:
+    """q_offset (None | int | integer tensor [B] or [] or [1]) -> (int64 tensor [B], the largest offset as an int).
+
+    Queries are keys ``q_offset[b] .. q_offset[b] + T - 1``. None and an int need no device sync (decode); a tensor
+    is checked on the host (one sync). The one definition for the reference and every Triton kernel file.
+
+    Raises:
+        ValueError: a float/bool/complex tensor, a tensor of another shape, another type, or an offset outside
+            ``0 <= q_offset`` and ``q_offset + T <= S``.
+    """
+    if q_offset is None or (isinstance(q_offset, int) and not isinstance(q_offset, bool)):
+        off = S - T if q_offset is None else int(q_offset)
+        if off < 0 or off + T > S:
+            raise ValueError(f"q_offset must satisfy 0 <= q_offset and q_offset + T <= S (T={T}, S={S}); got {off}")
+        return torch.full((B,), off, dtype=torch.int64, device=device), off
+    if not isinstance(q_offset, Tensor) or q_offset.dtype.is_floating_point or q_offset.dtype == torch.bool \
+            or q_offset.is_complex():
+        raise ValueError(f"q_offset must be None, an int or an integer tensor [B], got "
+                         f"{getattr(q_offset, 'dtype', type(q_offset).__name__)}")
+    qo = q_offset.to(device=device, dtype=torch.int64).reshape(-1)
+    if qo.numel() == 1 and B != 1:
+        qo = qo.expand(B)
+    if qo.numel() != B:
+        raise ValueError(f"q_offset must be an int or a LongTensor [B={B}], got shape {tuple(q_offset.shape)}")
+    if B == 0:
+        return qo.contiguous(), 0
+    lo, hi = (int(v) for v in torch.stack([qo.min(), qo.max()]).tolist())
+    if lo < 0 or hi + T > S:
+        raise ValueError(f"q_offset must satisfy 0 <= q_offset and q_offset + T <= S (T={T}, S={S}); got [{lo}, {hi}]")
+    return qo.contiguous(), hi
 
 
 def _check_masks(key_mask: Optional[Tensor], segment_ids: Optional[Tensor], B: int, S: int) -> None:
@@ -345,7 +354,7 @@ def dsa_indexer_scores(q: Tensor, w: Tensor, k: Tensor, *, q_offset: Union[int, 
     """
     B, T, H, D, S = _check_indexer_inputs(q, w, k)
     _check_masks(key_mask, segment_ids, B, S)
-    off = _q_offsets(q_offset, B, T, S, q.device)
+    off, _ = _q_offsets(q_offset, B, T, S, q.device)
     cd = _compute_dtype(q, w, k)
     kf = k.to(cd)
     chunk = _chunk_len(None, T, _elt(cd) * B * max(S, 1), q.device)
@@ -426,7 +435,7 @@ def dsa_topk_indices(q: Tensor, w: Tensor, k: Tensor, topk: int, *, q_offset: Un
     topk = _as_int("topk", topk, 1)
     chunk_size = _check_chunk_size(chunk_size)
     _check_masks(key_mask, segment_ids, B, S)
-    off = _q_offsets(q_offset, B, T, S, q.device)
+    off, _ = _q_offsets(q_offset, B, T, S, q.device)
     out = torch.full((B, T, topk), -1, dtype=torch.long, device=q.device)
     if B == 0 or T == 0:
         return out
@@ -655,7 +664,7 @@ def indexer_kl_loss(attn_q: Tensor, attn_k: Tensor, scaling: float, q: Tensor, w
     _check_masks(key_mask, segment_ids, B, S)
     if indices is not None:
         _check_indices_tensor(indices, B, T)
-    off = _q_offsets(q_offset, B, T, S, q.device)
+    off, _ = _q_offsets(q_offset, B, T, S, q.device)
     scaling = float(scaling)
     cd = _compute_dtype(attn_q, attn_k, q, w, k)
     grad = _needs_grad(q, w, k)

@@ -21,25 +21,16 @@ from __future__ import annotations
 import torch
 
 # Triton is optional (the package imports, and the reference works, without it): the guarded import, the
-# interpreter flag and the small launch helpers live in keye_dsa_triton_topk and are shared by all kernel files.
-from .keye_dsa_triton_topk import HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, tl, triton  # noqa: F401
+# interpreter flag, the tunables and the small launch helpers live in keye_dsa_triton_common.
+from .keye_dsa_triton_common import CONFIG, HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, tl, triton  # noqa: F401
 from .keye_dsa_reference import hadamard_transform  # noqa: E402  (torch; runs on any device)
 from .keye_dsa_triton_kl import indexer_kl_loss  # noqa: E402
-from .keye_dsa_triton_topk import CONFIG as TOPK_CONFIG  # noqa: E402
+TOPK_CONFIG = CONFIG  # the same dict (older name of the top-k entries)
 from .keye_dsa_triton_topk import dsa_topk_indices  # noqa: E402
 
 __all__ = ["HAS_TRITON", "hadamard_transform", "dsa_topk_indices", "sparse_attention", "indexer_kl_loss", "CONFIG",
            "TOPK_CONFIG"]
 
-# Tunables of the sparse-attention kernels (the benchmark may override them); top-k: TOPK_CONFIG.
-CONFIG = {
-    "attn_bk": 128,                 # gathered keys per sparse-attention step
-    "attn_warps": 4,
-    "attn_stages": 2,
-    "attn_bwd_bk": 32,
-    "attn_bwd_warps": 4,
-    "attn_bwd_stages": 1,
-}
 
 
 # ----------------------------------------------------------------------------------------------------

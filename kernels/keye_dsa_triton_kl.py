@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .keye_dsa_reference import _q_offsets
-from .keye_dsa_triton_topk import (HAS_TRITON, _INTERPRET, _check_triton, _mask_tensors, _next_pow2,  # noqa: F401
-                                   tl, triton)
+from .keye_dsa_triton_common import (HAS_TRITON, _INTERPRET, _check_triton, _mask_tensors, _next_pow2,  # noqa: F401
+                                     _q_offsets, tl, triton)
 
 
 if HAS_TRITON:
@@ -315,7 +314,7 @@ def indexer_kl_loss(attn_q, attn_k, scaling, q, w, k, *, indices=None, q_offset=
     if B * T == 0 or S == 0:
         return (q.sum() + w.sum() + k.sum()).float() * 0.0
     dev = q.device
-    qo = _q_offsets(q_offset, B, T, S, dev)
+    qo, _ = _q_offsets(q_offset, B, T, S, dev)
     km, seg = _mask_tensors(key_mask, segment_ids, B, S, dev)
     attn_q, attn_k = attn_q.detach().contiguous(), attn_k.detach().contiguous()
     q, w, k = q.contiguous(), w.contiguous(), k.contiguous()

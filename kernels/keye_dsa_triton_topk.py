@@ -34,125 +34,15 @@ Buffered path (decode / few rows, fallback rows, ``fused_candidates=False``):
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .keye_dsa_reference import _as_int, _check_masks
+from .keye_dsa_reference import _as_int
+from .keye_dsa_triton_common import (  # noqa: F401  (re-exported: older code imports them from here)
+    _I32_MIN, _INTERPRET, _SENT, CONFIG, HAS_TRITON, STATS, _check_triton, _dot_nt, _mask_tensors, _next_pow2, _num_sms,
+    _q_offsets, tl, triton)
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # fixed at import, as triton.jit's choice
-
-# Tunables (the benchmark may override them).
-CONFIG = {
-    "score_buffer_bytes": 1 << 31,  # bound of the per-chunk score buffer (int32 keys)
-    "score_mode": 2,                # 0: [bq*H, D] x [D, bk] dot; 1: transposed; 2: one dot per head (bq >= 16)
-    "score_bq": 16,                 # queries per indexer tile
-    "score_bk": 64,                 # keys per indexer step (mode 2: tiles of >= 16 queries, prefill)
-    "score_bk_few_queries": 128,    # keys per step of the other modes (fewer than 16 queries: decode, fallback)
-    "score_warps": 4,               # (8 for 0/1 with bq * H >= 128, or mode 2 with bq >= 64)
-    "score_stages": 3,
-    "select_block": 1024,           # row elements per step of the top-k stream (buffered path)
-    "select_cap_mult": 2,           # pending-set capacity = mult * next_pow2(topk)
-    "select_warps": 4,
-    "select_block_few_rows": 1024,  # block / warps when a chunk has few rows (decode: rows are split)
-    "select_warps_few_rows": 4,
-    "select_sample": 1024,          # strided sample of a long row for the first threshold (0 = off)
-    "fused_candidates": True,       # prefill: sampled threshold + candidate lists instead of a score buffer
-    "cand_cap_mult": 4,             # candidate capacity per row = mult * next_pow2(topk)
-    "cand_select_warps": 8,
-    "_score_only": False,           # benchmarking aid: skip the selection (the output is then garbage)
-}
-
-
-# Counters for tests and benchmarks (rows of the fused path that were recomputed on the exact buffered path).
-STATS = {"fused_rows": 0, "fallback_rows": 0}
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _check_triton(*tensors) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("keye_dsa_triton needs the `triton` package; install it or use keye_dsa_reference")
-    for x in tensors:
-        if x is not None and x.device.type != "cuda" and not _INTERPRET:
-            raise RuntimeError(
-                f"keye_dsa_triton kernels run on CUDA tensors (got {x.device}); move the inputs to the GPU, "
-                "use keye_dsa_reference on CPU, or set TRITON_INTERPRET=1 before importing triton (slow, tests only)"
-            )
-
-
-def _q_offsets(q_offset, B: int, T: int, S: int, device):
-    """q_offset (None | int | integer tensor [B] or []) -> (int64 tensor [B], max offset as int).
-
-    None and int need no device sync (decode); a tensor is checked on the host (one sync).
-    """
-    if q_offset is None or (isinstance(q_offset, int) and not isinstance(q_offset, bool)):
-        off = S - T if q_offset is None else int(q_offset)
-        if off < 0 or off + T > S:
-            raise ValueError(f"q_offset must satisfy 0 <= q_offset and q_offset + T <= S (T={T}, S={S}); got {off}")
-        return torch.full((B,), off, dtype=torch.int64, device=device), off
-    if not torch.is_tensor(q_offset) or q_offset.dtype.is_floating_point or q_offset.dtype == torch.bool:
-        raise ValueError(f"q_offset must be None, an int or an integer tensor [B], got {q_offset!r}")
-    qo = q_offset.to(device=device, dtype=torch.int64).reshape(-1)
-    if qo.numel() == 1 and B != 1:
-        qo = qo.expand(B)
-    if qo.numel() != B:
-        raise ValueError(f"q_offset must be an int or a LongTensor [B={B}], got shape {tuple(q_offset.shape)}")
-    lo, hi = (int(v) for v in torch.stack([qo.min(), qo.max()]).tolist())
-    if lo < 0 or hi + T > S:
-        raise ValueError(f"q_offset must satisfy 0 <= q_offset and q_offset + T <= S (T={T}, S={S}); got [{lo}, {hi}]")
-    return qo.contiguous(), hi
-
-
-
-def _mask_tensors(key_mask, segment_ids, B: int, S: int, device):
-    """key_mask (bool [B, S]) / segment_ids (integer [B, S]), or None -> the kernels' int8 mask and int64 segment
-    ids (contiguous, on ``device``). Raises ValueError as the reference does (its ``_check_masks``)."""
-    _check_masks(key_mask, segment_ids, B, S)
-    km = None if key_mask is None else key_mask.to(device=device, dtype=torch.int8).contiguous()
-    seg = None if segment_ids is None else segment_ids.to(device=device, dtype=torch.int64).contiguous()
-    return km, seg
 
 if HAS_TRITON:
-    _I32_MIN = tl.constexpr(-(2**31))
-    _SENT = tl.constexpr(-(2**63) + 1)  # below every packed key (the smallest is (-2**31 + 1) << 32)
-    _POS_BIG = tl.constexpr(2**62)
-    _INTERP_DOT = tl.constexpr(_INTERPRET)
-
-    @triton.jit
-    def _dot_nt(a, b, PRECISION: tl.constexpr):
-        """``a [M, D] @ b [N, D]^T`` in fp32, the same value for equal rows of ``b`` (and of ``a``) wherever they sit.
-
-        Compiled, this is ``tl.dot`` (an MMA computes every output element the same way, so equal keys get
-        bitwise-equal scores). Under ``TRITON_INTERPRET=1``, ``tl.dot`` is numpy's BLAS ``matmul``, which is not
-        column-consistent on every CPU: OpenBLAS' AVX2 sgemm kernel (the one it runs on CPUs without AVX-512,
-        e.g. AMD EPYC; ``OPENBLAS_CORETYPE=Haswell`` forces it elsewhere) rounds the edge columns of a tile
-        differently, so identical keys scored 1 ulp apart and exact ties were broken by tile position. There
-        the product is an elementwise multiply and a sum over D, the same operation for every output element.
-        """
-        if _INTERP_DOT:
-            return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
-        else:
-            return tl.dot(a, tl.trans(b), input_precision=PRECISION)
-
     # ------------------------------------------------------------------------------------------------
     # indexer scores -> order-preserving int32 keys
     # ------------------------------------------------------------------------------------------------
@@ -708,8 +598,7 @@ def _topk_buffered_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta)
     L = min(k.shape[1], max_off + t1)
     keys = torch.empty((B, t1 - t0, L), dtype=torch.int32, device=q.device)
     _launch_score(q, w, k, km, seg, qo, t0, t1, L, meta, keys)
-    if not CONFIG["_score_only"]:
-        _select_topk(keys, qo, out, topk, t0)
+    _select_topk(keys, qo, out, topk, t0)
 
 
 def _topk_fused_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta, CAPC):
@@ -738,8 +627,6 @@ def _topk_fused_chunk(q, w, k, km, seg, qo, max_off, out, topk, t0, t1, meta, CA
     cand = torch.empty((R, nsplit, caps), dtype=torch.int64, device=dev)
     cnt = torch.empty((R, nsplit), dtype=torch.int32, device=dev)
     _launch_score(q, w, k, km, seg, qo, t0, t1, L, meta, None, thr=thr, cand=cand, cnt=cnt, caps=caps)
-    if CONFIG["_score_only"]:
-        return
     scratch = torch.empty((R, CAPC), dtype=torch.int64, device=dev)
     fail = torch.empty((R,), dtype=torch.int8, device=dev)
     _cand_select_kernel[(R,)](

@@ -32,9 +32,11 @@ if not _CUDA:
 triton = pytest.importorskip("triton")
 
 ref = importlib.import_module("keye_vl.kernels.keye_dsa_reference")
+common = importlib.import_module("keye_vl.kernels.keye_dsa_triton_common")
 topk_mod = importlib.import_module("keye_vl.kernels.keye_dsa_triton_topk")
 tri = importlib.import_module("keye_vl.kernels.keye_dsa_triton")
-if topk_mod._INTERPRET == _CUDA or tri._INTERPRET == _CUDA:  # imported earlier under the other mode
+if common._INTERPRET == _CUDA or topk_mod._INTERPRET == _CUDA:  # imported earlier under the other mode
+    common = importlib.reload(common)
     topk_mod = importlib.reload(topk_mod)
     tri = importlib.reload(tri)
 

@@ -19,9 +19,11 @@ if not _CUDA:
 triton = pytest.importorskip("triton")
 
 ref = importlib.import_module("keye_vl.kernels.keye_dsa_reference")
+_common = importlib.import_module("keye_vl.kernels.keye_dsa_triton_common")
 _tri_parts = [importlib.import_module(f"keye_vl.kernels.keye_dsa_triton_{m}") for m in ("kl", "topk")]
 tri = importlib.import_module("keye_vl.kernels.keye_dsa_triton")
-if any(m._INTERPRET == _CUDA for m in _tri_parts + [tri]):  # imported earlier under the other mode
+if any(m._INTERPRET == _CUDA for m in [_common] + _tri_parts + [tri]):  # imported earlier under the other mode
+    _common = importlib.reload(_common)
     _tri_parts = [importlib.reload(m) for m in _tri_parts]
     tri = importlib.reload(tri)
 

@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-NAMES = ["keye_dsa_reference", "keye_dsa_triton_topk", "keye_dsa_triton_kl", "keye_dsa_triton"]
+NAMES = ["keye_dsa_reference", "keye_dsa_triton_common", "keye_dsa_triton_topk", "keye_dsa_triton_kl",
+         "keye_dsa_triton", "keye_dsa_decode"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -29,7 +30,7 @@ def test_model_sees_a_tuning_set_through_keye_vl_kernels():
         from keye_vl.kernels import keye_dsa_triton_topk as topk
         from keye_vl.modeling_keye import modeling_keye_vl_2 as m
         topk.CONFIG["score_bk"] = 4096
-        assert m.dsa_triton.TOPK_CONFIG["score_bk"] == 4096
+        assert m.dsa_triton.TOPK_CONFIG["score_bk"] == 4096 and m.dsa_triton.CONFIG is topk.CONFIG  # one dict
         assert m.dsa_reference is importlib.import_module("keye_vl.kernels.keye_dsa_reference")
         assert len({id(v) for k, v in sys.modules.items() if k.endswith(".keye_dsa_triton_topk")}) == 1
     """)

@@ -1,0 +1,1 @@
+../kernels/keye_dsa_triton_common.py

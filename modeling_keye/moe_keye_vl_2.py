@@ -186,6 +186,8 @@ class KeyeVL2Experts(nn.Module):
             return "eager"
         if torch.compiler.is_compiling() and hasattr(self, "_grouped_why"):
             why = self._grouped_why
+            if why is None and self._compute_dtype(x) == torch.float32:
+                why = "torch.compile: grouped_mm's meta kernel takes bf16 / fp16 only"
         else:
             why = self._grouped_why = self.grouped_mm_problem(x)
         if impl == "grouped_mm" and why is not None:

@@ -334,7 +334,7 @@ def _prefilled(model, ids, cap):
 @gpu
 @pytest.mark.parametrize("impl", ["dsa_triton", "sdpa"])
 def test_gpu_static_decode_step_has_no_host_sync(impl):
-    model = make_model(impl, seed=11, device="cuda")
+    model = make_model(impl, seed=11, device="cuda").to(torch.bfloat16)  # the inference dtype (grouped experts)
     ids = torch.randint(3, 5000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     cache, tok = _prefilled(model, ids, 64)
     with torch.no_grad():
@@ -353,7 +353,7 @@ def test_gpu_static_decode_step_has_no_host_sync(impl):
 @gpu
 @pytest.mark.parametrize("impl", ["dsa_triton", "sdpa"])
 def test_gpu_cuda_graph_replay_of_a_decode_step_equals_eager(impl):
-    model = make_model(impl, seed=12, device="cuda")
+    model = make_model(impl, seed=12, device="cuda").to(torch.bfloat16)
     ids = torch.randint(3, 5000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     eager_cache, tok = _prefilled(model, ids, 64)
     graph_cache, _ = _prefilled(model, ids, 64)
@@ -372,7 +372,7 @@ def test_gpu_cuda_graph_replay_of_a_decode_step_equals_eager(impl):
             want = model(input_ids=tok, past_key_values=eager_cache, logits_to_keep=1).logits
             static_tok.copy_(tok)
             graph.replay()
-            torch.testing.assert_close(static_out, want, rtol=0, atol=1e-4)
+            torch.testing.assert_close(static_out, want, rtol=0, atol=1e-2)  # the same kernels, replayed
             tok = want[:, -1].argmax(-1, keepdim=True)
     assert int(graph_cache.get_seq_length()) == int(eager_cache.get_seq_length()) == 44
 

@@ -68,6 +68,8 @@ class MOPDArguments(OutputArguments, LoraArguments, OptimArguments, DataArgument
     teachers: Optional[str] = field(default=None, metadata={
         "help": "Routing table (JSON): {'field': 'domain', 'teachers': {name: {'path': DIR, 'text_only': bool}}, "
                 "'routes': {value: name}, 'default': name or null}; relative paths are resolved against its folder."})
+    freeze_vision: bool = field(default=False, metadata={
+        "help": "Freeze the vision tower and the projector (visual.*, mlp_AR.*); needed with several processes."})
     teacher_residency: str = field(default="load", metadata={
         "help": "load (one at a time from disk, freed after scoring) | offload (all in CPU RAM, one at a time on "
                 "the accelerator) | resident (all on the accelerator)."})

@@ -302,7 +302,7 @@ class KeyeVL2Cache(DynamicCache):
 class KeyeVL2StaticCacheLayer(StaticLayer):
     """One decoder layer of :class:`KeyeVL2StaticCache`: K/V and indexer keys preallocated for ``max_cache_len``.
 
-    Storage is token-major (``_k`` / ``_v`` [B, C, H_kv, D], ``_ik`` [B, C, D_I], C = ``max_cache_len``), the layout
+    Storage is token-major (``_k`` / ``_v`` [B, C, H_kv, D], ``_ik`` [B, C, D_I] fp32, C = ``max_cache_len``), the layout
     the DSA kernels read, allocated with zeros on the first update (so unfilled rows are finite) and marked as static
     addresses for ``torch.compile`` (as transformers' ``StaticLayer``). ``update`` writes the new tokens at
     ``cumulative_length`` (a 0-d int64 device tensor, advanced in place) with ``index_copy_`` and returns views of the
@@ -349,11 +349,14 @@ class KeyeVL2StaticCacheLayer(StaticLayer):
         return self._k.transpose(1, 2), self._v.transpose(1, 2)
 
     def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
-        """Write indexer keys [B, T, D_I] at the filled length; return the whole buffer [B, C, D_I]."""
+        """Write indexer keys [B, T, D_I] at the filled length; return the whole buffer [B, C, D_I].
+
+        The buffer is fp32 (fp64 for fp64 keys): the decode top-k scores in fp32 (as ``keye_dsa_reference``), and
+        upcasting bf16 keys once when written is exact and saves converting the whole buffer every step."""
         if self._ik is None:
             B, _, Di = indexer_key_states.shape
-            self._ik = torch.zeros(B, self.max_cache_len, Di, dtype=indexer_key_states.dtype,
-                                   device=indexer_key_states.device)
+            dtype = torch.float64 if indexer_key_states.dtype == torch.float64 else torch.float32
+            self._ik = torch.zeros(B, self.max_cache_len, Di, dtype=dtype, device=indexer_key_states.device)
             self.indexer_keys = self._ik
             self.indexer_cumulative_length = torch.zeros((), dtype=torch.long, device=indexer_key_states.device)
             self._mark(self._ik, self.indexer_cumulative_length)

@@ -512,9 +512,10 @@ class KeyeVL2Attention(nn.Module):
             # In training the indexer learns only from its KL: its input is detached (docs/keye_vl2.md section 3).
             x_idx = hidden_states.detach() if indexer_loss else hidden_states
             iq, iw, ik = self.sa_indexer(x_idx, *indexer_position_embeddings)
+            ik_new_dtype = ik.dtype
             ik = update_indexer_cache(past_key_values, ik, self.layer_idx)
-            if ctx.kv_end is not None:
-                ik = ik[:, : ctx.kv_end]
+            if ctx.kv_end is not None:  # static-cache prefill: the filled part, in the dtype the kernels expect
+                ik = ik[:, : ctx.kv_end].to(ik_new_dtype)
 
         probs = None
         attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)

@@ -153,6 +153,10 @@ def test_static_cache_api_in_place_writes_crop_reorder_and_memory():
     assert not cache.prefilled and int(cache.get_seq_length()) == 0 and cache.layers[0]._k.data_ptr() == ptr
     with pytest.raises(ValueError, match="max_cache_len >= 1"):
         KeyeVL2StaticCache(num_layers=2, max_cache_len=0)
+    half = KeyeVL2StaticCache(num_layers=1, max_cache_len=4)
+    ik16 = torch.randn(1, 3, 8).to(torch.bfloat16)
+    got = half.update_indexer(ik16, 0)  # stored in fp32 (exact upcast) for the fp32 decode scoring
+    assert got.dtype == torch.float32 and torch.equal(got[:, :3], ik16.float())
 
 
 # ----------------------------------------------------------------------------- decode top-k == reference

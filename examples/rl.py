@@ -200,6 +200,27 @@ def select_rows(rb: RolloutBatch, rows: list[int], config) -> RolloutBatch:
     return out
 
 
+def equalise_chunks(chunks: list[tuple], target: int) -> list[tuple]:
+    """``(rb, rows, adv)`` micro-batch chunks -> ``target`` chunks ``(rb, rows, adv, weight)``: the largest chunk is
+    halved until there are enough (the loss is unchanged: it is normalised by the step's number of sequences); when
+    every chunk has one row, zero-weight copies of the last one are added (their backward adds nothing). Under FSDP /
+    DDP every rank must run the same number of forwards and backwards."""
+    out = [(rb, list(rows), list(adv), 1.0) for rb, rows, adv in chunks]
+    if not out:
+        if target:
+            raise ValueError("no micro-batch to equalise (every rank keeps the same number of groups)")
+        return out
+    while len(out) < target:
+        i = max(range(len(out)), key=lambda j: (len(out[j][1]) if out[j][3] else 0, -j))
+        rb, rows, adv, w = out[i]
+        if len(rows) > 1 and w:
+            h = (len(rows) + 1) // 2
+            out[i: i + 1] = [(rb, rows[:h], adv[:h], w), (rb, rows[h:], adv[h:], w)]
+        else:
+            out.append((out[-1][0], out[-1][1], out[-1][2], 0.0))
+    return out
+
+
 def score(model, mb: RolloutBatch, args) -> torch.Tensor:
     """[n, C] float32 per-token log-probs of ``mb``'s completions under ``model`` (vision features from the cache;
     LM head on completion positions only, ``args.logprob_chunk_size`` at a time)."""
@@ -361,7 +382,7 @@ def main(args: RLArguments | None = None, processor=None) -> dict:
         t_roll = time.perf_counter() - t0
 
         # ---- micro-batches of the kept completions (rows of one rollout batch each), with advantages
-        micro = []
+        chunks = []
         by_rb: dict[int, list] = {}
         for g in kept:
             by_rb.setdefault(id(g.rb), []).append(g)
@@ -370,11 +391,17 @@ def main(args: RLArguments | None = None, processor=None) -> dict:
             rows, adv = [], []
             for g in groups:
                 rows += g.rows
-                adv.append(group_advantages(torch.tensor(g.rewards), G))
-            adv = torch.cat(adv)
+                adv += group_advantages(torch.tensor(g.rewards), G).tolist()
             for s in range(0, len(rows), args.per_device_batch_size):
-                mb = select_rows(groups[0].rb, rows[s: s + args.per_device_batch_size], config)
-                micro.append({"mb": mb, "adv": adv[s: s + args.per_device_batch_size].to(device)})
+                e = s + args.per_device_batch_size
+                chunks.append((groups[0].rb, rows[s:e], adv[s:e]))
+        if accelerator.num_processes > 1:  # the same number of forwards / backwards on every rank
+            target = int(accelerator.gather(torch.tensor([len(chunks)], device=device)).max())
+            chunks = equalise_chunks(chunks, target)
+        else:
+            chunks = [(rb, rows, adv, 1.0) for rb, rows, adv in chunks]
+        micro = [{"mb": select_rows(rb, rows, config), "adv": torch.tensor(adv, device=device), "weight": w}
+                 for rb, rows, adv, w in chunks]
         # pi_old / reference log-probs, once per generation (no gradient)
         if micro and (args.beta or (args.steps_per_generation > 1 and args.old_logprobs == "recompute")):
             with torch.no_grad():
@@ -408,7 +435,9 @@ def main(args: RLArguments | None = None, processor=None) -> dict:
                                     num_sequences=n_seq, ref_logp=m.get("ref"), beta=args.beta,
                                     rollout_logp=mb.sampler_logprobs if (is_cap and args.old_logprobs == "recompute")
                                     else None, rollout_is_cap=is_cap)
-                    accelerator.backward(out.loss)
+                    accelerator.backward(out.loss * m["weight"])
+                if not m["weight"]:
+                    continue
                 stats["loss"] += float(out.loss.detach())
                 stats["clipped"] += float(out.clipped.float().sum()) / n_seq
                 stats["ratio"] += float(out.ratio.sum()) / n_seq

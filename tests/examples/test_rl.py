@@ -222,3 +222,15 @@ def test_context_curriculum(tmp_path, processor):
     roller.limit = 50
     with pytest.raises(ValueError, match="no task .* fits the context length 50"):
         roller._records(1)
+
+
+def test_equalise_micro_batches_across_ranks():
+    """Ranks with fewer micro-batches split their largest ones (same rows, same advantages, in order), then pad with
+    zero-weight copies, so FSDP / DDP see the same number of forwards everywhere."""
+    chunks = [("a", [0, 1, 2, 3, 4], [0.1] * 5), ("b", [5], [0.2])]
+    out = rl.equalise_chunks(chunks, 4)
+    assert [(k, r, w) for k, r, _, w in out] == [("a", [0, 1], 1.0), ("a", [2], 1.0), ("a", [3, 4], 1.0), ("b", [5], 1.0)]
+    out = rl.equalise_chunks([("a", [0, 1], [1.0, -1.0])], 3)
+    assert [(k, r, a, w) for k, r, a, w in out] == [("a", [0], [1.0], 1.0), ("a", [1], [-1.0], 1.0),
+                                                    ("a", [1], [-1.0], 0.0)]
+    assert rl.equalise_chunks(chunks, 2) == [("a", [0, 1, 2, 3, 4], [0.1] * 5, 1.0), ("b", [5], [0.2], 1.0)]

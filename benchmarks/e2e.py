@@ -15,7 +15,10 @@ same active FLOPs), ``prefill`` (text prompt of 8K / 32K / 128K / 256K tokens, b
 token = prefill + LM head on the last position + argmax, peak memory), ``video_prefill`` (about one hour of video
 at the sampling budget of docs/keye_vl2.md section 7: 2,880 frames of 12 x 20 patches = 60 tokens each, fed as
 synthetic patches through ``pixel_values_videos`` / ``video_grid_thw``), ``decode`` (batch 1 and 16 at 32K and 128K
-tokens of context: a cache filled with random keys/values, then greedy steps; tokens/s = batch * steps / time), and
+tokens of context: a cache filled with random keys/values, then greedy steps; tokens/s = batch * steps / time; on
+CUDA each Keye decode row is followed by ``decode_static_graph``, the same step on a ``KeyeVL2StaticCache`` captured
+in a CUDA graph, see ``benchmarks/decode_static.py``), ``decode_generate_static`` (per model, batch 1:
+``generate(cache_implementation="static")``, which transformers compiles), and
 ``long_generate`` (keye_dsa: a 256K-token prefill plus 256 decoded tokens, with the peak memory split into weights,
 cache and the rest). "256K" is 262,144 tokens in total (``max_position_embeddings``), i.e. a 261,888-token prompt.
 
@@ -517,6 +520,8 @@ def keye_rows(run: Runner, mk, args, device, dtype, plan, name: str):
             run.data["rows"].append(pre)
             run.save()
 
+    generate_static_row(run, model, name, impl, plan, device)
+
     # video of about one hour at the sampling budget (docs/keye_vl2.md section 7)
     F, h, w = plan["video"]
     ids, vis = video_inputs(F, h, w, device, dtype, 150000, cfg)
@@ -603,7 +608,24 @@ def qwen_rows(run: Runner, args, device, dtype, plan):
         return {"ttft_s": round(s, 3), "tokens_per_s": round(T / s, 1), "prefill_s": round(s, 3)}
 
     run.row({"kind": "prefill", "model": "qwen3_vl_moe", "context": T, "batch": 1, "attn": "sdpa"}, long_fn, est_s=est)
+    generate_static_row(run, model, "qwen3_vl_moe", "sdpa", plan, device)
     reset_peak(device)  # the model is freed when this function returns
+
+
+def generate_static_row(run: Runner, model, name: str, attn: str, plan, device) -> None:
+    """``generate(cache_implementation="static")`` at batch 1 (transformers' compile path on CUDA): ms per token
+    from two generation lengths (the prefill and the one-off compilation cancel out), and the first call's time."""
+    if not run.clock.cuda:
+        return
+
+    def fn():
+        from decode_static import compiled_row
+
+        r = compiled_row(model, plan["warm"], device)
+        return {"ms_per_step": r["ms_per_token"], "tokens_per_s": r["tokens_per_s"], "first_call_s": r["first_call_s"]}
+
+    run.row({"kind": "decode_generate_static", "model": name, "context": plan["warm"], "batch": 1, "attn": attn}, fn,
+            est_s=90.0)
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -4,7 +4,7 @@ Metrics (one JSON report):
 
 - temporal grounding (``task: grounding``), as TimeLens reports them: ``R1@0.3``, ``R1@0.5``, ``R1@0.7`` (percent
   of samples whose first predicted span has IoU >= the threshold with the ground truth) and ``mIoU`` (mean IoU, in
-  percent); IoU 0 when no span parses or ``s >= e`` (TimeLens' rule); spans are clipped to the video's duration.
+  percent); IoU 0 when no span parses or ``s >= e`` (TimeLens' rule: the span as written, not clipped to the video).
 - multi-span grounding: mean IoU of the span unions (percent).
 - timestamps: mean reward ``max(0, 1 - |dt| / tau)``, mean absolute error in seconds over parsed answers, and the
   parse-failure rate.
@@ -28,8 +28,10 @@ import os
 from typing import Iterable, Mapping, Sequence
 
 from keye_vl.training.rewards import (
+    DEFAULT_WEIGHTS,
     answer_text,
     compute_rewards,
+    get_reward,
     multi_tiou_reward,
     parse_number,
     parse_span,
@@ -65,6 +67,8 @@ def score(tasks: Sequence[Mapping], predictions: Mapping[str, str] | Sequence[st
         total, parts = compute_rewards(p, t)
         row = {"id": t.get("id"), "task": t["task"], "reward": total, "parts": parts}
         dur = t.get("duration")
+        if t["task"] in ("count", "order", "exact"):  # accuracy from the task's own check, whatever the weights
+            row["correct"] = get_reward(next(iter(DEFAULT_WEIGHTS[t["task"]])))(p, t["solution"]) == 1.0
         if t["task"] == "grounding":
             row["iou"] = tiou_reward(p, t["solution"], duration=dur)
             row["parsed"] = parse_span(answer_text(p)) is not None
@@ -91,10 +95,9 @@ def score(tasks: Sequence[Mapping], predictions: Mapping[str, str] | Sequence[st
             errs = [r["abs_error"] for r in rows if r["abs_error"] is not None]
             m["mean_abs_error_s"] = sum(errs) / len(errs) if errs else None
             m["parse_failures"] = n - len(errs)
-        else:  # count / order / exact: the reward is 0 / 1 (with the default weights)
+        else:  # count / order / exact: the share answered right by the task's own check
             key = {"count": "counting_accuracy", "order": "ordering_accuracy", "exact": "exact_accuracy"}[task]
-            first = next(iter(rows[0]["parts"]))
-            m[key] = _pct(sum(r["parts"][first] == 1.0 for r in rows) / n)
+            m[key] = _pct(sum(r["correct"] for r in rows) / n)
         report["tasks"][task] = m
     return report
 

@@ -319,6 +319,9 @@ def _base_frames(rng, store, fps, min_frames) -> tuple[list[str], dict]:
         clip.start = min(clip.start, (total - clip.n_frames) / fps)
         return store.clip_frames(clip, fps), {"video": video, "source_start": clip.start, "n_frames": clip.n_frames}
     # a short video: loop it
+    if total < 1:
+        raise ValueError(f"video {video!r} is {store.decoded_span(video):.2f} s long: no frame at --fps {fps}; "
+                         "raise --fps or use longer videos")
     frames = []
     while len(frames) < min_frames:
         frames += store.clip_frames(Clip(video, 0.0, total), fps)

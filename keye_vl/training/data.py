@@ -458,8 +458,8 @@ def strip_media(messages: list[dict]) -> list[dict]:
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
-            items = [dict(c) for c in content if c.get("type") not in ("image", "video") and "image" not in c
-                     and "video" not in c]
+            media = ("image", "video", "image_url", "video_url")  # qwen-vl-utils and OpenAI-style items
+            items = [dict(c) for c in content if c.get("type") not in media and not any(k in c for k in media)]
             m = {**m, "content": items or [{"type": "text", "text": ""}]}
         out.append(m)
     return out

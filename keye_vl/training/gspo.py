@@ -127,8 +127,13 @@ def gspo_loss(
         raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
     if not (0 <= eps_low < 1 and eps_high >= 0):
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+    for name, t in (("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} must be [B, T] = {tuple(logp.shape)} like logp, got {tuple(t.shape)}")
     m = mask.bool()
-    for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
+    extra = [(n, t) for n, t in (("ref_logp", ref_logp if beta else None),
+                                 ("rollout_logp", rollout_logp if rollout_is_cap is not None else None)) if t is not None]
+    for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages), *extra):
         vals = t[m] if t.ndim == 2 else t
         if not torch.isfinite(vals.detach()).all():
             raise ValueError(f"{name} has NaN or inf on real tokens")
@@ -144,19 +149,19 @@ def gspo_loss(
     clipped_obj = clipped_ratio * adv
     per_seq = -torch.minimum(unclipped, clipped_obj)
     binds = (clipped_obj < unclipped) & (clipped_ratio != ratio)
+    is_w = None
+    if rollout_logp is not None and rollout_is_cap is not None:  # weights the policy term only (as verl)
+        if not rollout_is_cap > 0:
+            raise ValueError(f"rollout_is_cap must be > 0, got {rollout_is_cap}")
+        diff = torch.where(m, old_logp.detach() - rollout_logp.detach().to(logp.dtype), zero)
+        is_w = torch.exp(sequence_mean(diff, m)).clamp(max=float(rollout_is_cap))
+        per_seq = per_seq * is_w
     out_kl = None
     if ref_logp is not None and beta:
         d = torch.where(m, ref_logp.detach().to(logp.dtype) - logp, zero)
         kl = sequence_mean(torch.exp(d) - d - 1.0, m)
         per_seq = per_seq + beta * kl
         out_kl = kl.detach()
-    is_w = None
-    if rollout_logp is not None and rollout_is_cap is not None:
-        if not rollout_is_cap > 0:
-            raise ValueError(f"rollout_is_cap must be > 0, got {rollout_is_cap}")
-        diff = torch.where(m, old_logp.detach() - rollout_logp.detach().to(logp.dtype), zero)
-        is_w = torch.exp(sequence_mean(diff, m)).clamp(max=float(rollout_is_cap))
-        per_seq = per_seq * is_w
     loss = per_seq.sum() / n
     return GSPOLossOutput(loss=loss, ratio=ratio.detach(), clipped=binds.detach(), kl=out_kl, is_weight=is_w)
 

@@ -145,6 +145,7 @@ def overlap_kl_loss(student_logprobs_at_teacher_topk: torch.Tensor, teacher_topk
     Returns ``(loss, advantage [N, C] = A_t, detached)``.
     """
     lp_s = student_logprobs_at_teacher_topk.float()
+    overlap = overlap & mask.bool()[..., None]  # padded positions (ids 0, log-probs -inf) contribute nothing
     d = torch.where(overlap, lp_s.detach().exp() * (lp_s.detach() - teacher_topk_logprobs.float()),
                     torch.zeros_like(lp_s))  # [N, C, k] per-token coefficients (0 outside the overlap)
     m = mask.float()
@@ -153,7 +154,7 @@ def overlap_kl_loss(student_logprobs_at_teacher_topk: torch.Tensor, teacher_topk
         coef = coef * token_weights
     per_pos = (d * torch.where(overlap, lp_s, torch.zeros_like(lp_s))).sum(-1)
     loss = ((coef * per_pos).sum(1) / m.sum(1).clamp(min=1)).mean()
-    return loss, -d.sum(-1)
+    return loss, -d.sum(-1) * m
 
 
 def sampled_in_overlap(completion_ids: torch.Tensor, teacher_topk_ids: torch.Tensor,

@@ -9,8 +9,9 @@ Definitions (sources):
 - ``tiou`` -- temporal IoU for grounding, TimeLens' rule (TencentARC/TimeLens, training reward = tIoU only):
   the first ``"s - e"`` span in the answer (``"s to e"`` is normalised to ``"s - e"``; seconds, optional ``s``
   suffix); 0 on a parse failure or ``s >= e``; ``IoU(A, B) = max(min(e_A, e_B) - max(s_A, s_B), 0) /
-  (max(e_A, e_B) - min(s_A, s_B))``. With a known ``duration`` the predicted span is first clipped to
-  ``[0, duration]`` (a span wholly past the video becomes empty, reward 0).
+  (max(e_A, e_B) - min(s_A, s_B))`` of the span as written (TimeLens does not clip it: an over-long span such as
+  "0 - 1000" scores about 0, not the ground truth's share of the video). Clipping the span to ``[0, duration]``
+  first is an opt-in (``clip_to_duration=True``; a span wholly past the video then becomes empty, reward 0).
 - ``multi_tiou`` -- several spans: IoU of the unions, ``|U(P) ∩ U(G)| / |U(P) ∪ U(G)|`` (1-D measure), every
   parsed ``s - e`` span counted (spans with ``s >= e`` are ignored; none left -> 0).
 - ``timestamp`` -- one time: ``max(0, 1 - |t_pred - t_gt| / tau)``, ``tau = max(1 s, 2 / fps)`` by default.
@@ -170,12 +171,14 @@ def _clip(span: tuple[float, float], duration: float | None) -> tuple[float, flo
     return (s, e) if s < e else None
 
 
-def tiou_reward(completion: str, solution: Any, duration: float | None = None, **_: Any) -> float:
+def tiou_reward(completion: str, solution: Any, duration: float | None = None, clip_to_duration: bool = False,
+                **_: Any) -> float:
     """Temporal-grounding reward (TimeLens): tIoU of the first predicted span with ``solution = [start, end]``.
 
     Args:
         completion: the model's text. solution: the ground-truth span in seconds. duration: the video's length in
-            seconds (optional; the predicted span is clipped to ``[0, duration]``).
+            seconds; used only with ``clip_to_duration=True`` (not TimeLens' rule: the span is clipped to
+            ``[0, duration]`` first).
     Returns: float in [0, 1]; 0 when no span parses or the first span has ``s >= e``.
     Raises: ValueError for a malformed ``solution``.
     """
@@ -183,20 +186,23 @@ def tiou_reward(completion: str, solution: Any, duration: float | None = None, *
     pred = parse_span(answer_text(completion))
     if pred is None:
         return 0.0
-    pred = _clip(pred, duration)
+    pred = _clip(pred, duration if clip_to_duration else None)
     return 0.0 if pred is None else span_iou(pred, gt)
 
 
-def multi_tiou_reward(completion: str, solution: Any, duration: float | None = None, **_: Any) -> float:
+def multi_tiou_reward(completion: str, solution: Any, duration: float | None = None, clip_to_duration: bool = False,
+                      **_: Any) -> float:
     """Multi-span grounding reward: IoU of the union of every parsed span with the union of ``solution`` (a list of
-    ``[start, end]``). Spans with ``s >= e`` are ignored; predicted spans are clipped to ``[0, duration]`` when given.
+    ``[start, end]``). Spans with ``s >= e`` are ignored; with ``clip_to_duration=True`` predicted spans are clipped
+    to ``[0, duration]`` first.
 
     Raises: ValueError for a malformed or empty ``solution``.
     """
     if not isinstance(solution, (list, tuple)) or not solution:
         raise ValueError(f"multi-span solution must be a non-empty list of [start, end], got {solution!r}")
     gt = [_check_span(s) for s in solution]
-    pred = [c for c in (_clip(s, duration) for s in parse_spans(answer_text(completion))) if c is not None]
+    dur = duration if clip_to_duration else None
+    pred = [c for c in (_clip(s, dur) for s in parse_spans(answer_text(completion))) if c is not None]
     return multi_span_iou(pred, gt)
 
 
@@ -335,7 +341,8 @@ def compute_rewards(completion: str, sample: Mapping[str, Any],
     """Reward of one completion for one task-file sample.
 
     ``sample`` has ``task`` (a key of :data:`DEFAULT_WEIGHTS`), ``solution`` and optionally ``reward_weights``
-    (overrides the task default), ``duration`` / ``fps`` (seconds, frames per second). ``weights`` overrides both.
+    (overrides the task default), ``duration`` / ``fps`` (seconds, frames per second) and ``clip_to_duration``
+    (grounding spans clipped to the video first; off by default, as TimeLens). ``weights`` overrides both.
     Returns ``(total, {reward name: value})``. Raises: KeyError / ValueError as :class:`WeightedReward` and the
     reward functions, and for a sample without ``task`` / ``solution``.
     """
@@ -348,5 +355,5 @@ def compute_rewards(completion: str, sample: Mapping[str, Any],
         if task not in DEFAULT_WEIGHTS:
             raise KeyError(f"task sample has unknown task {task!r}; known: {sorted(DEFAULT_WEIGHTS)}")
         weights = DEFAULT_WEIGHTS[task]
-    meta = {k: sample[k] for k in ("duration", "fps") if sample.get(k) is not None}
+    meta = {k: sample[k] for k in ("duration", "fps", "clip_to_duration") if sample.get(k) is not None}
     return WeightedReward(weights)(completion, sample["solution"], **meta)

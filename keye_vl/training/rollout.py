@@ -36,6 +36,18 @@ VISION_KINDS = (
 )
 
 
+# generate() appends these warpers AFTER custom logits processors; they are neutralised so that the recorder sees the
+# distribution that is actually sampled (a generation_config may set them).
+_NEUTRAL_WARPERS = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+try:  # newer transformers releases also have top_h
+    from transformers import GenerationConfig as _GC
+
+    if hasattr(_GC(), "top_h"):
+        _NEUTRAL_WARPERS["top_h"] = None
+except Exception:  # noqa: BLE001
+    pass
+
+
 def _row_items(input_ids: torch.Tensor, tokens_per_item: list[int], token_id: int) -> list[tuple[int, int]]:
     """For each row: the ``[first, end)`` range of the vision items (images or videos, flattened over the batch in
     row order) whose placeholder tokens it holds. Raises ValueError when the counts do not match."""
@@ -273,6 +285,10 @@ def generate_rollouts(model, batch: dict, num_return_sequences: int, max_new_tok
     Raises:
         ValueError: ``num_return_sequences`` or ``max_new_tokens`` < 1, temperature <= 0.
     """
+    bad = sorted(set(generate_kwargs) & set(_NEUTRAL_WARPERS))
+    if bad:
+        raise ValueError(f"rollout records the sampler's log-probs after temperature / top_k / top_p; {bad} would "
+                         "change the distribution after the recorder (not supported)")
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     if num_return_sequences < 1 or max_new_tokens < 1:
@@ -301,7 +317,7 @@ def generate_rollouts(model, batch: dict, num_return_sequences: int, max_new_tok
     if top_p < 1.0:
         procs.append(TopPLogitsWarper(top_p))
     recorder = SamplerLogprobRecorder(P)
-    procs.append(recorder)
+    procs.append(recorder)  # last: generate's own warpers (which it would add after it) are switched off below
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     was_training = base.training
@@ -310,7 +326,7 @@ def generate_rollouts(model, batch: dict, num_return_sequences: int, max_new_tok
         with (cache.serve(model) if cache is not None else contextlib.nullcontext()):
             seqs = base.generate(
                 input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], **vision,
-                do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, **_NEUTRAL_WARPERS,
                 eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id, logits_processor=LogitsProcessorList(procs),
                 num_return_sequences=1, **generate_kwargs,
             )
@@ -327,7 +343,7 @@ def generate_rollouts(model, batch: dict, num_return_sequences: int, max_new_tok
         vision = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
     return RolloutBatch(
         prompt_ids=rows["input_ids"], prompt_mask=rows["attention_mask"], completion_ids=completions,
-        completion_mask=mask, sampler_logprobs=mu * mask, group=torch.arange(B).repeat_interleave(G),
+        completion_mask=mask, sampler_logprobs=torch.where(mask.bool(), mu, torch.zeros_like(mu)), group=torch.arange(B).repeat_interleave(G),
         vision=vision, cache=cache, records=list(records) if records is not None else [],
     )
 

@@ -41,7 +41,7 @@ PREDS = {
     "g2": "The event happens in 3.5 - 6 seconds",  # 2.5 / 4 = 0.625
     "g3": "4 to 8",  # 2 / 6 = 0.3333
     "g4": "6 - 2",  # reversed: 0
-    "g5": "2 - 12",  # clipped to [2, 10]: inter 2, union 10 -> 0.2
+    "g5": "2 - 12",  # as written (TimeLens, no clip to the 10 s video): inter 2, union 12 -> 1/6
     "m1": "0 - 2 and 7 - 8",  # union {[0,2],[7,8]} vs {[0,2],[6,8]}: 3 / 4
     "t1": "3.5",  # tau = max(1, 2 / 2) = 1: reward 0.5, |err| 0.5
     "t2": "at 7 s",  # reward 0, |err| 2
@@ -59,11 +59,11 @@ def test_metrics_equal_hand_computation(tmp_path):
     ev = _load()
     report = ev.score(TASKS, PREDS)
     g = report["tasks"]["grounding"]
-    # IoUs [1, 0.625, 1/3, 0, 0.2]: >= 0.3: 3 of 5; >= 0.5: 2; >= 0.7: 1
+    # IoUs [1, 0.625, 1/3, 0, 1/6]: >= 0.3: 3 of 5; >= 0.5: 2; >= 0.7: 1
     assert g["n"] == 5 and g["parse_failures"] == 1
     assert g["R1@0.3"] == pytest.approx(60.0) and g["R1@0.5"] == pytest.approx(40.0)
     assert g["R1@0.7"] == pytest.approx(20.0)
-    assert g["mIoU"] == pytest.approx(100 * (1 + 0.625 + 1 / 3 + 0 + 0.2) / 5, abs=1e-9)
+    assert g["mIoU"] == pytest.approx(100 * (1 + 0.625 + 1 / 3 + 0 + 1 / 6) / 5, abs=1e-9)
     assert report["tasks"]["multi_grounding"]["mIoU"] == pytest.approx(75.0)
     t = report["tasks"]["timestamp"]
     assert t["mean_reward"] == pytest.approx(0.5 / 3) and t["parse_failures"] == 1
@@ -80,6 +80,16 @@ def test_metrics_equal_hand_computation(tmp_path):
     ev.main(["--tasks", str(tasks_file), "--predictions", str(preds_file), "--output", str(out)])
     on_disk = json.loads(out.read_text())
     assert on_disk["tasks"] == report["tasks"]
+
+
+def test_accuracy_ignores_reward_weights():
+    """Counting accuracy comes from the count check itself, also when a task file weights format in first."""
+    ev = _load()
+    tasks = [{"id": "a", "task": "count", "solution": 3, "reward_weights": {"format": 0.1, "count": 0.9}},
+             {"id": "b", "task": "count", "solution": 3, "reward_weights": {"format": 0.1, "count": 0.9}}]
+    report = ev.score(tasks, {"a": "7", "b": "3"})
+    assert report["tasks"]["count"]["counting_accuracy"] == pytest.approx(50.0)
+    assert [r["correct"] for r in report["per_sample"]] == [False, True]
 
 
 def test_missing_prediction_is_an_error():

@@ -205,3 +205,14 @@ def test_sft_answers_score_full_reward(tasks):
         assert s["messages"][:-1] == rec["messages"] and s["messages"][-1]["role"] == "assistant"
         total, _ = compute_rewards(s["messages"][-1]["content"][0]["text"], rec)
         assert total == 1.0, (rec["id"], s["messages"][-1])
+
+
+def test_frame_rate_too_low_for_a_short_video_is_an_error(tmp_path):
+    """A needle task on a video too short for one frame at --fps raises (it looped forever before)."""
+    import subprocess
+
+    script = os.path.join(REPO, "examples", "make_rl_tasks.py")
+    args = ["--output_dir", str(tmp_path / "o"), "--seed", "5", "--fps", "0.5", "--num_grounding", "0",
+            "--num_multi_grounding", "0", "--num_needle", "1", "--num_context", "0"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no frame at --fps 0.5" in r.stderr, r.stderr[-1500:]

@@ -155,6 +155,13 @@ def test_advantages_weights_and_loss_equal_a_hand_computation():
     torch.testing.assert_close(kl_loss, torch.tensor(-0.0036906), rtol=0, atol=1e-6)
     kl_loss.backward()
     torch.testing.assert_close(lp_s.grad, torch.tensor([[[-0.2079442, 0.2772589, 0.0]]]), rtol=0, atol=1e-6)
+    # a padded position after the completion ended (ids 0 in both top-k lists, log-probs -inf): no NaN, advantage 0
+    lp_s2 = torch.tensor([[[ln(.3), ln(.4), ln(.01)], [float("-inf")] * 3]], requires_grad=True)
+    lp_t2 = torch.tensor([[[ln(.6), ln(.2), ln(.1)], [float("-inf")] * 3]])
+    over2 = L.topk_overlap(torch.tensor([[[5, 7, 9], [0, 0, 0]]]), torch.tensor([[[7, 2, 5], [0, 0, 0]]]))
+    kl2, adv2 = L.overlap_kl_loss(lp_s2, lp_t2, over2, torch.ones(1, 2), torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(kl2, torch.tensor(-0.0036906), rtol=0, atol=1e-6)
+    assert adv2.tolist()[0][1] == 0.0 and torch.isfinite(adv2).all()
     # masked form: the sampled token 7 is in the overlap, 9 is not
     y = torch.tensor([[7, 9]])
     inside = L.sampled_in_overlap(y, torch.tensor([[[5, 7, 9], [5, 7, 9]]]), torch.tensor([[[7, 2, 5], [7, 2, 5]]]))

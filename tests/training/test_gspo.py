@@ -103,6 +103,10 @@ def test_kl_and_rollout_importance_weight():
     torch.testing.assert_close(out.loss, torch.tensor(-math.exp(0.3)), rtol=0, atol=1e-6)
     out = gspo_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), rollout_logp=roll, rollout_is_cap=1.2)
     torch.testing.assert_close(out.is_weight, torch.tensor([1.2]))
+    # both: the rollout weight scales the policy term only, not the KL penalty (as verl): -1.2 * 1 + 0.5 * kl
+    out = gspo_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), ref_logp=ref, beta=0.5,
+                    rollout_logp=roll, rollout_is_cap=1.2)
+    torch.testing.assert_close(out.loss, torch.tensor(-1.2 + 0.5 * kl), rtol=0, atol=1e-6)
 
 
 def test_bad_inputs():
@@ -112,6 +116,16 @@ def test_bad_inputs():
         gspo_loss(torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 3))
     with pytest.raises(ValueError, match="NaN"):
         gspo_loss(torch.full((1, 2), float("nan")), torch.zeros(1, 2), torch.zeros(1), torch.ones(1, 2))
+    z, one = torch.zeros(1, 2), torch.ones(1, 2)
+    with pytest.raises(ValueError, match="ref_logp must be"):  # would broadcast and double the KL
+        gspo_loss(z, z, torch.zeros(1), one, ref_logp=torch.zeros(2, 2), beta=0.1)
+    with pytest.raises(ValueError, match="ref_logp has NaN"):
+        gspo_loss(z, z, torch.zeros(1), one, ref_logp=torch.full((1, 2), float("nan")), beta=0.1)
+    with pytest.raises(ValueError, match="rollout_logp has NaN"):
+        gspo_loss(z, z, torch.zeros(1), one, rollout_logp=torch.full((1, 2), float("nan")), rollout_is_cap=2.0)
+    # NaN only where the mask is 0 is fine (padding)
+    gspo_loss(z, z, torch.zeros(1), torch.tensor([[1, 0]]), rollout_logp=torch.tensor([[0.0, float("nan")]]),
+              rollout_is_cap=2.0)
 
 
 def test_zero_variance_groups_dropped_and_refilled():

@@ -210,3 +210,33 @@ def test_gpu_rollout_logprobs_equal_training_forward_with_triton_dsa(prompts):
         else:
             ratio = torch.exp(lp["logprobs"][m] - rb.sampler_logprobs[m])
             assert ratio.min() > 0.9 and ratio.max() < 1.1, (ratio.min(), ratio.max())
+
+
+def test_strip_media_drops_every_media_item_form():
+    """Text-only teachers get the conversation without any media item: qwen-vl-utils keys, transformers types and
+    OpenAI-style image_url / video_url items alike."""
+    msgs = [{"role": "user", "content": [
+        {"type": "image", "image": "a.jpg"}, {"image": "b.jpg"}, {"type": "image_url", "image_url": {"url": "c.png"}},
+        {"type": "video_url", "video_url": {"url": "d.mp4"}}, {"type": "video", "video": "e.mp4"},
+        {"type": "text", "text": "what is this?"}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "c.png"}}]}]
+    assert D.strip_media(msgs) == [{"role": "user", "content": [{"type": "text", "text": "what is this?"}]},
+                                   {"role": "user", "content": [{"type": "text", "text": ""}]}]
+
+
+def test_rollout_refuses_warpers_after_the_recorder():
+    with pytest.raises(ValueError, match="min_p"):
+        R.generate_rollouts(None, {}, 1, 1, [0], 0, min_p=0.5)
+
+
+def test_sampler_logprobs_zero_after_the_end_with_top_k(model, prompts):
+    """With top-k sampling the padding after an early end has log mu = -inf; the recorded log-probs are 0 there
+    (they were -inf * 0 = NaN)."""
+    batch = D.collate_prompts([prompts[0], prompts[2]], model.config.pad_token_id)  # image and text prompts
+    first = R.generate_rollouts(model, batch, 1, 4, EOS, model.config.pad_token_id, top_k=1, generator_seed=0)
+    ends = first.completion_ids[:, 0].tolist()
+    assert ends[0] != ends[1]  # greedy first tokens differ: ending one row early leaves the other running
+    rb = R.generate_rollouts(model, batch, 1, 4, [ends[1]], model.config.pad_token_id, top_k=1, generator_seed=0)
+    assert rb.completion_mask[1].tolist()[:2] == [1, 0] and int(rb.completion_mask[0].sum()) >= 2
+    assert torch.isfinite(rb.sampler_logprobs).all()
+    assert bool((rb.sampler_logprobs[rb.completion_mask == 0] == 0).all())

@@ -52,10 +52,13 @@ def test_tiou_hand_values():
     assert tiou_reward("3 - 3", [2, 6]) == 0.0  # zero-length
     assert tiou_reward("garbage <answer></answer>", [2, 6]) == 0.0  # empty answer
     assert tiou_reward("", [2, 6]) == 0.0
-    # span past the video (duration 10): [8, 30] is clipped to [8, 10]; gt [6, 10]: inter 2, union 4
-    assert tiou_reward("8 - 30", [6, 10], duration=10) == pytest.approx(0.5, abs=1e-12)
-    assert tiou_reward("8 - 30", [6, 10]) == pytest.approx(2 / 24, abs=1e-12)  # unknown duration: no clip
-    assert tiou_reward("12 - 30", [6, 10], duration=10) == 0.0  # wholly past the end
+    # span past the video (duration 10), TimeLens' rule: the span as written; gt [6, 10]: inter 2, union 24
+    assert tiou_reward("8 - 30", [6, 10], duration=10) == pytest.approx(2 / 24, abs=1e-12)
+    assert tiou_reward("0 - 1000", [8, 10], duration=10) == pytest.approx(2 / 1000, abs=1e-12)  # no reward hack
+    # opt-in clipping: [8, 30] -> [8, 10]: inter 2, union 4; a span wholly past the end is empty
+    assert tiou_reward("8 - 30", [6, 10], duration=10, clip_to_duration=True) == pytest.approx(0.5, abs=1e-12)
+    assert tiou_reward("12 - 30", [6, 10], duration=10, clip_to_duration=True) == 0.0
+    assert tiou_reward("12 - 30", [6, 10], duration=10) == 0.0  # disjoint either way
     with pytest.raises(ValueError, match="0 <= start < end"):
         tiou_reward("1 - 2", [5, 3])
     with pytest.raises(ValueError, match="two numbers"):
@@ -72,8 +75,9 @@ def test_multi_span_iou():
     assert multi_tiou_reward("1 - 2 and 8 - 9", [[1, 2], [8, 9]]) == 1.0
     # reversed span dropped, the other kept: pred [1, 2]; gt {[1, 2], [8, 9]}: 1 / 2
     assert multi_tiou_reward("9 - 8, 1 - 2", [[1, 2], [8, 9]]) == pytest.approx(0.5, abs=1e-12)
-    # past the video: [8, 20] clipped to [8, 10]; gt {[8, 10]} -> 1
-    assert multi_tiou_reward("8 - 20", [[8, 10]], duration=10) == 1.0
+    # past the video: as written [8, 20] vs {[8, 10]}: 2 / 12; clipped (opt-in) to [8, 10]: 1
+    assert multi_tiou_reward("8 - 20", [[8, 10]], duration=10) == pytest.approx(2 / 12, abs=1e-12)
+    assert multi_tiou_reward("8 - 20", [[8, 10]], duration=10, clip_to_duration=True) == 1.0
     assert multi_tiou_reward("none", [[1, 2]]) == 0.0
     with pytest.raises(ValueError, match="non-empty list"):
         multi_tiou_reward("1 - 2", [])
@@ -137,6 +141,9 @@ def test_weighted_and_compute_rewards():
     with pytest.raises(ValueError, match="at least one"):
         WeightedReward({})
     total, parts = compute_rewards("8 - 30", {"task": "grounding", "solution": [6, 10], "duration": 10})
+    assert (total, parts) == (pytest.approx(2 / 24), {"tiou": pytest.approx(2 / 24)})  # TimeLens: not clipped
+    total, parts = compute_rewards("8 - 30", {"task": "grounding", "solution": [6, 10], "duration": 10,
+                                              "clip_to_duration": True})
     assert (total, parts) == (0.5, {"tiou": 0.5})
     total, parts = compute_rewards("2", {"task": "count", "solution": 2, "reward_weights": {"count": 2.0}})
     assert total == 2.0

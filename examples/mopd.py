@@ -66,7 +66,8 @@ class MOPDArguments(OutputArguments, LoraArguments, OptimArguments, DataArgument
     """The shared argument groups (``keye_vl.training.args``) plus the MOPD fields."""
 
     teachers: Optional[str] = field(default=None, metadata={
-        "help": "Routing table (JSON): {'field': 'domain', 'teachers': {name: {'path': DIR, 'text_only': bool}}, "
+        "help": "Routing table (JSON): {'field': 'domain', 'teachers': {name: {'path': DIR, 'text_only': bool, "
+                "'trust_remote_code': bool (default false)}}, "
                 "'routes': {value: name}, 'default': name or null}; relative paths are resolved against its folder."})
     freeze_vision: bool = field(default=False, metadata={
         "help": "Freeze the vision tower and the projector (visual.*, mlp_AR.*); needed with several processes."})
@@ -133,6 +134,7 @@ class TeacherSpec:
     name: str
     path: str
     text_only: bool = False
+    trust_remote_code: bool = False  # run the teacher folder's own code (a routing-table opt-in)
 
 
 class RoutingTable:
@@ -150,7 +152,8 @@ class RoutingTable:
         self.teachers = {}
         for name, t in cfg["teachers"].items():
             p = t["path"] if os.path.isabs(t["path"]) else os.path.normpath(os.path.join(base, t["path"]))
-            self.teachers[name] = TeacherSpec(name, p, bool(t.get("text_only", False)))
+            self.teachers[name] = TeacherSpec(name, p, bool(t.get("text_only", False)),
+                                              bool(t.get("trust_remote_code", False)))
         self.routes = dict(cfg.get("routes", {}))
         self.default = cfg.get("default")
         bad = {v for v in self.routes.values() if v not in self.teachers} | (
@@ -189,7 +192,8 @@ class TeacherPool:
         # Loading must not consume the training RNG (an exact resume replays the same random stream).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             model, multimodal = load_any_causal_lm(spec.path, dtype=self.dtype,
-                                                   attn_implementation=self.attn if _is_keye(spec.path) else None)
+                                                   attn_implementation=self.attn if _is_keye(spec.path) else None,
+                                                   trust_remote_code=spec.trust_remote_code)
         head = model.get_output_embeddings()
         rows = head.weight.shape[0] if head is not None else 0
         if rows < self.vocab_size:

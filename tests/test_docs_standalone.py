@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "dist", "outputs", "runs"}
 TEXT = {".py", ".md", ".cfg", ".toml", ".ipynb", ".yaml", ".yml", ".sh", ".jinja", ".txt"}
 EXTERNAL = re.compile(
-    r"shared/spec|\bspec sections? \d|spec ``(keye_vl2|dsa_kernels)|spec `(keye_vl2|dsa_kernels)|spec: \[open\]"
+    r"shared/spec|\.\./shared/|/work/shared|\bspec sections? \d|spec ``(keye_vl2|dsa_kernels)|spec `(keye_vl2|dsa_kernels)|spec: \[open\]"
     r"|the spec's|\[open\] in the spec",
     re.IGNORECASE,
 )

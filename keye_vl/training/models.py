@@ -57,6 +57,9 @@ def build_model(model_name_or_path: str | None = None, model_config: str | None 
     if (model_name_or_path is None) == (model_config is None):
         raise ValueError("give exactly one of model_name_or_path (a checkpoint) and model_config (random init)")
     if model_name_or_path:
+        if not os.path.isdir(model_name_or_path):  # never a Hub download
+            raise FileNotFoundError(f"checkpoint folder not found: {model_name_or_path} (the trainers load local "
+                                    "folders only; download a Hub repo first, e.g. `hf download REPO --local-dir DIR`)")
         kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
         return KeyeVL2MoeForConditionalGeneration.from_pretrained(model_name_or_path, dtype=dtype, **kw)
     config = config_from_spec(model_config)
@@ -70,10 +73,11 @@ def build_model(model_name_or_path: str | None = None, model_config: str | None 
 
 
 def load_any_causal_lm(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                       attn_implementation: str | None = None):
+                       attn_implementation: str | None = None, trust_remote_code: bool = False):
     """Load a local model folder as a causal LM: this package's model, any ``AutoModelForImageTextToText`` or any
     ``AutoModelForCausalLM`` (in that order). Returns ``(model, multimodal)``: ``multimodal`` is False for a
-    text-only model (it gets the text of the conversation).
+    text-only model (it gets the text of the conversation). A folder of this package's model needs no remote code
+    (its classes are registered in-process); ``trust_remote_code=True`` runs a folder's own code, only when asked.
 
     Raises FileNotFoundError for a missing folder, ValueError when no Auto class can load it.
     """
@@ -82,8 +86,8 @@ def load_any_causal_lm(path: str, dtype: torch.dtype = torch.float32, device: to
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path}")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    kw = dict(dtype=dtype, trust_remote_code=True)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     errors = []
@@ -151,6 +155,8 @@ def load_lora(base, adapter_dir: str):
     if isinstance(base, str):
         from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration
 
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"base checkpoint folder not found: {base}")
         base = KeyeVL2MoeForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 

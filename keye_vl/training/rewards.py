@@ -167,6 +167,8 @@ def multi_span_iou(pred: Sequence[tuple[float, float]], gt: Sequence[tuple[float
 def _clip(span: tuple[float, float], duration: float | None) -> tuple[float, float] | None:
     if duration is None:
         return span
+    if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
+        raise ValueError(f"duration must be a finite number of seconds > 0, got {duration!r}")
     s, e = max(span[0], 0.0), min(span[1], float(duration))
     return (s, e) if s < e else None
 
@@ -213,7 +215,10 @@ def timestamp_reward(completion: str, solution: Any, fps: float | None = None, t
 
     Raises: ValueError for a non-finite / negative ``solution`` or a non-positive ``tau`` / ``fps``.
     """
-    t_gt = float(solution)
+    try:
+        t_gt = float(solution)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"timestamp solution must be a time in seconds, got {solution!r}") from err
     if not math.isfinite(t_gt) or t_gt < 0:
         raise ValueError(f"timestamp solution must be a finite time >= 0 in seconds, got {solution!r}")
     if fps is not None and not float(fps) > 0:
@@ -238,6 +243,8 @@ def count_reward(completion: str, solution: Any, **_: Any) -> float:
         gt = float(solution)
     except (TypeError, ValueError) as err:
         raise ValueError(f"count solution must be a number, got {solution!r}") from err
+    if not math.isfinite(gt):
+        raise ValueError(f"count solution must be finite, got {solution!r}")
     pred = parse_number(answer_text(completion))
     return 1.0 if pred is not None and round(pred, 2) == round(gt, 2) else 0.0
 

@@ -240,3 +240,13 @@ def test_sampler_logprobs_zero_after_the_end_with_top_k(model, prompts):
     assert rb.completion_mask[1].tolist()[:2] == [1, 0] and int(rb.completion_mask[0].sum()) >= 2
     assert torch.isfinite(rb.sampler_logprobs).all()
     assert bool((rb.sampler_logprobs[rb.completion_mask == 0] == 0).all())
+
+
+def test_local_folders_only(tmp_path):
+    """The trainers never download: a name that is not a local folder is an error naming it."""
+    from keye_vl.training import models as M
+
+    with pytest.raises(FileNotFoundError, match="Kwai-Keye/Keye-VL-2.0-30B-A3B"):
+        M.build_model("Kwai-Keye/Keye-VL-2.0-30B-A3B")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        M.load_any_causal_lm(str(tmp_path / "missing"))

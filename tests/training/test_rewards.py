@@ -59,6 +59,8 @@ def test_tiou_hand_values():
     assert tiou_reward("8 - 30", [6, 10], duration=10, clip_to_duration=True) == pytest.approx(0.5, abs=1e-12)
     assert tiou_reward("12 - 30", [6, 10], duration=10, clip_to_duration=True) == 0.0
     assert tiou_reward("12 - 30", [6, 10], duration=10) == 0.0  # disjoint either way
+    with pytest.raises(ValueError, match="duration must be"):
+        tiou_reward("1 - 2", [0, 3], duration=float("nan"), clip_to_duration=True)
     with pytest.raises(ValueError, match="0 <= start < end"):
         tiou_reward("1 - 2", [5, 3])
     with pytest.raises(ValueError, match="two numbers"):
@@ -93,6 +95,11 @@ def test_timestamp_reward():
         timestamp_reward("1", 1.0, fps=0)
     with pytest.raises(ValueError, match="finite time"):
         timestamp_reward("1", float("nan"))
+    for bad in (None, [1.0]):
+        with pytest.raises(ValueError, match="timestamp solution must be a time"):
+            timestamp_reward("1", bad)
+    with pytest.raises(ValueError, match="count solution must be finite"):
+        count_reward("3", float("nan"))
 
 
 def test_count_reward():

@@ -379,6 +379,11 @@ class VideoSampling:
         for name in ("nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "resized_height", "resized_width"):
             positive(name, getattr(self, name), int)
         positive("total_pixels", self.total_pixels)
+        if self.max_frames is not None and self.min_frames > self.max_frames:
+            raise ValueError(f"video option min_frames ({self.min_frames}) must be <= max_frames ({self.max_frames})")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"video option min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels}); "
+                             "lower min_pixels together with max_pixels")
         object.__setattr__(self, "adaptive_budget", bool(self.adaptive_budget))
         if (self.resized_height is None) != (self.resized_width is None):
             raise ValueError(

@@ -119,6 +119,10 @@ def test_video_sampling_options_object():
         VideoSampling(max_frames=2.5)
     with pytest.raises(ValueError, match="sampling fps must be positive"):
         VideoSampling(fps=float("inf"))
+    with pytest.raises(ValueError, match=r"min_frames \(10\) must be <= max_frames \(4\)"):
+        VideoSampling(min_frames=10, max_frames=4)
+    with pytest.raises(ValueError, match=r"min_pixels \(78400\) must be <= max_pixels \(50176\)"):
+        VideoSampling(min_pixels=100 * 784, max_pixels=64 * 784)
     # one plan for files, frame lists and arrays: the same numbers as the keyword form
     a = vp.plan_video(280, 20.0, 720, 1280, VideoSampling(fps=1.0, max_frames=9))
     b = vp.plan_video(280, 20.0, 720, 1280, fps=1.0, max_frames=9)

@@ -16,16 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 KEYE_GIT_SHA=${KEYE_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-if ! python3 -c "import keye_vl.training.rollout, keye_vl.kernels" 2>/dev/null; then  # not installed: an import shim
-  mkdir -p /tmp/keye_shim/keye_vl && cp keye_vl/*.py /tmp/keye_shim/keye_vl/
-  for d in modeling_keye processing kernels; do ln -sfn "$PWD/$d" "/tmp/keye_shim/keye_vl/$d"; done
-  ln -sfn "$PWD/keye_vl/training" /tmp/keye_shim/keye_vl/training
-  export PYTHONPATH=/tmp/keye_shim:${PYTHONPATH:-}
-fi
+source examples/scripts/offline_env.sh  # carried wheels, import shim (offline machines)
 case "${1:-tests}" in
   tests)  timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 2>&1 | tee "$OUT/gpu_tests.txt" ;;
   decode) timeout 560 python3 benchmarks/decode_static.py --layers 4 --contexts 32768,131072 \

@@ -54,8 +54,9 @@ from keye_vl.training.loop import (backward_and_step, device_name, make_accelera
                                    peak_memory_gib, reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.losses import (group_normalised_rewards, mopd_advantages, mopd_loss, overlap_kl_loss,
                                      sampled_in_overlap, topk_overlap, truncated_importance_weights)
-from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, UNUSED_PARAMS, add_lora, build_model,
-                                     count_parameters, load_any_causal_lm, unwrap_base, vision_is_frozen)
+from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, UNUSED_PARAMS, VISION_PREFIXES, build_model,
+                                     configure_trainable, count_parameters, load_any_causal_lm, unwrap_base,
+                                     vision_is_frozen)
 from keye_vl.training.rollout import VisionFeatureCache, generate_rollouts, unsharded_for_rollout
 
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -398,15 +399,10 @@ def heldout_kl(model, pool: TeacherPool, prompts: list[dict], args, text_encoder
 # ----------------------------------------------------------------------------------------------------------------
 def configure_student(model, args: MOPDArguments):
     """Freeze what never trains (and the vision tower with --freeze_vision), add LoRA; returns the model to train."""
-    for n, p in model.named_parameters():
-        p.requires_grad_(n not in UNUSED_PARAMS and not (args.freeze_vision and n.startswith(("visual.", "mlp_AR."))))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.enable_input_require_grads()
-    if args.lora:
-        model = add_lora(model, [DECODER_ATTN], EXPERT_PARAMS if args.lora_experts else None, r=args.lora_r,
-                         alpha=args.lora_alpha)
-    return model
+    return configure_trainable(
+        model, lambda n: n not in UNUSED_PARAMS and not (args.freeze_vision and n.startswith(VISION_PREFIXES)),
+        gradient_checkpointing=args.gradient_checkpointing, lora=args.lora, lora_modules=[DECODER_ATTN],
+        lora_parameters=EXPERT_PARAMS if args.lora_experts else None, lora_r=args.lora_r, lora_alpha=args.lora_alpha)
 
 
 def main(args: MOPDArguments | None = None, processor=None) -> dict:

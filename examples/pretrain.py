@@ -47,7 +47,8 @@ from keye_vl.training.logging import TrainLogger
 from keye_vl.training.loop import (backward_and_step, device_name, make_accelerator, make_optimizer, make_scheduler,
                                    peak_memory_gib, reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.losses import lm_forward_loss
-from keye_vl.training.models import DECODER_ATTN, EXPERT_PARAMS, INDEXER, UNUSED_PARAMS, add_lora, count_parameters
+from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, INDEXER, UNUSED_PARAMS, configure_trainable,
+                                     count_parameters)
 from keye_vl.training.models import build_model as _build_model
 from keye_vl.training.models import load_lora  # noqa: F401  (re-exported: pretrain.load_lora(base, adapter_dir))
 
@@ -121,19 +122,11 @@ def configure_stage(model, args: PretrainArguments):
     if STAGES[args.stage]["indexer_loss"] and model.config.sa_config is None:
         raise ValueError(f"stage {args.stage} needs the DSA indexer (sa_config) in the model config")
     train = set(trainable_names(model, args.stage, args.freeze_vision))
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in train and not args.lora)
-    if args.gradient_checkpointing:
-        # Re-entrant checkpointing: the non-re-entrant kind raises CheckpointError ("a different number of tensors
-        # was saved") on some packed inputs with this model (see examples/README.md). Re-entrant needs a layer
-        # input that requires grad, so the embedding output is made to require it (frozen-embedding stages).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.enable_input_require_grads()
-    if not args.lora:
-        return model
     modules = [INDEXER] if args.stage == "dsa-warmup" else [DECODER_ATTN] + ([INDEXER] if args.stage == "dsa-sparse" else [])
     experts = args.lora_experts and args.stage != "dsa-warmup"  # experts learn only from the LM loss
-    return add_lora(model, modules, EXPERT_PARAMS if experts else None, r=args.lora_r, alpha=args.lora_alpha)
+    return configure_trainable(model, train.__contains__, gradient_checkpointing=args.gradient_checkpointing,
+                               lora=args.lora, lora_modules=modules, lora_parameters=EXPERT_PARAMS if experts else None,
+                               lora_r=args.lora_r, lora_alpha=args.lora_alpha)
 
 
 def forward_loss(model, batch: dict, indexer_loss: str | None, config) -> tuple[torch.Tensor, dict]:

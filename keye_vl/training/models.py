@@ -132,6 +132,27 @@ def vision_is_frozen(model) -> bool:
     return True
 
 
+def configure_trainable(model, trainable, *, gradient_checkpointing: bool = False, lora: bool = False,
+                        lora_modules: Sequence[str] = (DECODER_ATTN,), lora_parameters: Sequence[str] | None = None,
+                        lora_r: int = 16, lora_alpha: int = 32):
+    """What every trainer does before ``accelerator.prepare``: parameters train where ``trainable(name)`` is True
+    (all frozen with ``lora``: then only the adapters train), gradient checkpointing, LoRA. Returns the model to
+    train (the ``PeftModel`` with ``lora``).
+
+    Gradient checkpointing is re-entrant: the non-re-entrant kind raises CheckpointError ("a different number of
+    tensors was saved") on some packed inputs with this model (examples/README.md); re-entrant needs a layer input
+    that requires grad, so the embedding output is made to require it (stages with a frozen embedding).
+    """
+    for n, p in model.named_parameters():
+        p.requires_grad_(bool(trainable(n)) and not lora)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    if lora:
+        return add_lora(model, lora_modules, lora_parameters, r=lora_r, alpha=lora_alpha)
+    return model
+
+
 def add_lora(model, target_modules: Sequence[str], target_parameters: Sequence[str] | None = None,
              r: int = 16, alpha: int = 32):
     """Wrap ``model`` with PEFT LoRA adapters (dropout 0) on the modules matching any regex of ``target_modules``

@@ -7,6 +7,23 @@ Import root of the package. The card's folders are installed under it:
 
 __version__ = "0.1.0"
 
+
+def _checkout_fallback() -> None:
+    """Used from a source checkout that is not pip-installed (e.g. a GPU machine with no package index, the repo
+    root on ``PYTHONPATH``): the card's folders sit beside this one, not inside it, so ``keye_vl.kernels`` etc. are
+    looked up there too. Installed (wheel or editable), the folders are found the normal way and nothing changes."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if not os.path.isdir(os.path.join(here, "kernels")) and all(
+        os.path.isfile(os.path.join(root, d, "__init__.py")) for d in ("kernels", "modeling_keye", "processing")
+    ) and os.path.isfile(os.path.join(root, "setup.cfg")):
+        __path__.append(root)  # noqa: F821  (the package's own __path__)
+
+
+_checkout_fallback()
+
 _LAZY = {
     "KeyeVL2Config": "keye_vl.modeling_keye",
     "KeyeVL2VisionConfig": "keye_vl.modeling_keye",

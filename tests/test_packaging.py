@@ -55,3 +55,23 @@ def test_every_flat_kernel_file_is_linked_beside_the_modeling_files():
     for name in names:
         link = REPO / "modeling_keye" / name
         assert link.is_symlink() and link.resolve() == (REPO / "kernels" / name).resolve(), name
+
+
+def test_a_checkout_imports_without_installation(tmp_path):
+    """No pip install (a GPU machine without a package index): the repo root on sys.path is enough, also for the
+    subpackages that live beside keye_vl/ (python -S: no .pth file, so no editable-install finder)."""
+    import site
+
+    paths = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+    paths += [line.strip() for p in paths for f in Path(p).glob("zz_*.pth") for line in f.read_text().splitlines()]
+    code = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(REPO)!r}]\n"
+        f"sys.path += {paths!r}\n"
+        "import keye_vl.kernels.keye_dsa_reference as r, keye_vl.training.rewards\n"
+        f"assert r.__file__.startswith({str(REPO / 'kernels')!r}), r.__file__\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('kernels') is None or 'keye' not in str(importlib.util.find_spec('kernels').origin)\n"
+    )
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,7 +5,7 @@ block, ``yuv420p``, h264 (libx264, preset ``ultrafast``, CRF 28) or VP9 (libvpx-
 Synthetic content compresses far better than camera footage, so every decoder here runs faster than it would on a
 real film of the same size; the comparison between readers on the same files is what the numbers are for.
 
-Each measurement runs in a fresh subprocess (peak RSS = that process's ``ru_maxrss``, i.e. Python + torch + the
+Each measurement runs in a fresh subprocess (peak RSS = that process's ``VmHWM``, i.e. Python + torch + the
 reader + the output), with the same Keye sampling plan for every reader (2 fps, at most 2,880 frames, the
 184,320-token budget; frame indices ``round(linspace(0, total - 1, n))``):
 
@@ -20,6 +20,7 @@ reader + the output), with the same Keye sampling plan for every reader (2 fps, 
 
     python benchmarks/video_io.py --workdir /tmp/keye-video-bench --output benchmarks/results/video_io_cpu.json
     python benchmarks/video_io.py --generate-only --workdir /tmp/keye-video-bench     # just make the files
+    python benchmarks/video_io.py --check-seek --readers "" ...   # seeking decode == sequential decode?
 
 Options: ``--videos 360p_h264,1080p_h264`` (subset), ``--seconds 3600`` (length of the generated files),
 ``--readers keye,qwen-decord``, ``--timeout 1800`` (per measurement).
@@ -151,7 +152,10 @@ try:
                   indices_sha1=hashlib.sha1(json.dumps(indices).encode()).hexdigest()[:12])
 except Exception as err:
     result.update(status="error", seconds=round(time.perf_counter() - start, 2), error=f"{type(err).__name__}: {err}"[:300])
-result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+# VmHWM is this process image's peak RSS (ru_maxrss would include the parent's RSS inherited across fork + exec)
+with open("/proc/self/status") as status:
+    hwm = [int(line.split()[1]) for line in status if line.startswith("VmHWM")]
+result["peak_rss_mb"] = round((hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024, 1)
 print("RESULT" + json.dumps(result))
 """
 
@@ -171,6 +175,20 @@ def measure(reader: str, path: str, plan: dict, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT"):])
 
 
+def _backend_usable(backend: str) -> bool:
+    """Whether qwen-vl-utils' ``backend`` can run here (unusable ones are still measured: they fail at once)."""
+    import importlib.util
+
+    if backend == "torchvision":
+        try:
+            import torchvision.io
+
+            return hasattr(torchvision.io, "read_video")
+        except ImportError:
+            return False
+    return importlib.util.find_spec(backend) is not None
+
+
 def keye_plan(path: str) -> dict:
     from keye_vl.processing.vision_process_keye_vl_2 import plan_video, probe_video
 
@@ -181,6 +199,26 @@ def keye_plan(path: str) -> dict:
             "tokens": plan["total_tokens"]}
 
 
+def check_seek(path: str) -> dict:
+    """The default (keyframe-seeking) decode of the sampled frames against a sequential decode of the whole file."""
+    import torch
+
+    from keye_vl.processing.vision_process_keye_vl_2 import decode_frames, plan_video, probe_video
+
+    probe = probe_video(path)
+    plan = plan_video(probe["total_frames"], probe["video_fps"], probe["height"], probe["width"])
+    args = (path, plan["frame_indices"], plan["resized_height"], plan["resized_width"])
+    t0 = time.perf_counter()
+    seeking, found_a = decode_frames(*args, seek=True, fps=probe["video_fps"])
+    t1 = time.perf_counter()
+    sequential, found_b = decode_frames(*args, seek=False, fps=probe["video_fps"])
+    t2 = time.perf_counter()
+    same = found_a == found_b and torch.equal(seeking, sequential)
+    return {"frames": len(found_a), "identical": bool(same),
+            "max_abs_diff": int((seeking.int() - sequential.int()).abs().max()) if found_a == found_b else None,
+            "seek_s": round(t1 - t0, 2), "sequential_s": round(t2 - t1, 2)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/keye-video-bench")
@@ -189,8 +227,11 @@ def main(argv=None) -> int:
     parser.add_argument("--readers", default="keye," + ",".join("qwen-" + b for b in QWEN_BACKENDS))
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--output", default=None, help="JSON file (rewritten after every measurement)")
+    parser.add_argument("--append", action="store_true", help="add the rows to an existing --output file")
     parser.add_argument("--max-qwen-gb", type=float, default=16.0,
                         help="skip qwen-vl-utils rows whose sampled frames need more memory than this (GB)")
+    parser.add_argument("--check-seek", action="store_true",
+                        help="also compare the seeking decode with a sequential decode of each file (frames identical?)")
     parser.add_argument("--generate-only", action="store_true")
     args = parser.parse_args(argv)
     names = [n for n in args.videos.split(",") if n]
@@ -215,20 +256,38 @@ def main(argv=None) -> int:
         "videos": facts,
         "rows": [],
     }
+    if args.append and args.output and os.path.exists(args.output):
+        with open(args.output) as f:
+            previous = json.load(f)
+        report["runs"] = previous.get("runs", [previous["machine"]]) + [report["machine"]]
+        report["videos"] = {**previous["videos"], **facts}
+        report["rows"] = previous["rows"]
+        if "seek_checks" in previous:
+            report["seek_checks"] = previous["seek_checks"]
+        facts = report["videos"]
     for name in names:
         path = facts[name]["path"]
         plan = keye_plan(path)
         facts[name]["plan"] = plan
+        if args.check_seek:
+            print(f"{name} / seek vs sequential ...", flush=True)
+            report.setdefault("seek_checks", {})[name] = check_seek(path)
+            print("   ", json.dumps(report["seek_checks"][name]), flush=True)
+            if args.output:
+                with open(args.output, "w") as f:
+                    json.dump(report, f, indent=1)
         for reader in [r for r in args.readers.split(",") if r]:
             print(f"{name} / {reader} ...", flush=True)
             need_gb = plan["nframes"] * 3 * facts[name]["width"] * facts[name]["height"] * 5 / 1e9
-            if reader.startswith("qwen-") and need_gb > args.max_qwen_gb:
+            if reader.startswith("qwen-") and need_gb > args.max_qwen_gb and _backend_usable(reader[5:]):
                 row = {"video": name, "reader": reader, "status": "skipped",
                        "error": f"needs about {need_gb:.0f} GB for its sampled frames (uint8 + float32 at native "
                                 f"size) > --max-qwen-gb {args.max_qwen_gb:g}"}
             else:
                 row = {"video": name, **measure(reader, path, plan, args.timeout)}
             row["load_average"] = round(os.getloadavg()[0], 2)
+            row["seconds_of_video"] = args.seconds
+            row["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             print("   ", json.dumps(row), flush=True)
             report["rows"].append(row)
             if args.output:

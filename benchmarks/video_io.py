@@ -16,14 +16,17 @@ reader + the output), with the same Keye sampling plan for every reader (2 fps, 
 - ``qwen-<backend>``: ``qwen_vl_utils.fetch_video`` with ``FORCE_QWENVL_VIDEO_READER=<backend>`` and
   ``nframes`` = the Keye plan's frame count (qwen-vl-utils then rounds it to a multiple of 2), followed by the
   same ``KeyeVL2VideoProcessor`` on the returned frames, so both rows end at ``pixel_values_videos``. Backends
-  that are not installed or fail (torchvision >= 0.26 has no ``read_video``) are recorded with their error.
+  that are not installed or fail (the torchvision 0.29 installed with this package has no ``read_video``) are
+  recorded with their error.
 
     python benchmarks/video_io.py --workdir /tmp/keye-video-bench --output benchmarks/results/video_io_cpu.json
     python benchmarks/video_io.py --generate-only --workdir /tmp/keye-video-bench     # just make the files
     python benchmarks/video_io.py --check-seek --readers "" ...   # seeking decode == sequential decode?
 
 Options: ``--videos 360p_h264,1080p_h264`` (subset), ``--seconds 3600`` (length of the generated files),
-``--readers keye,qwen-decord``, ``--timeout 1800`` (per measurement).
+``--readers keye,decord-chunked,qwen-decord``, ``--timeout 1800`` (per measurement), ``--max-qwen-gb 16``,
+``--append`` (add rows to an existing ``--output``). Needs PyAV only; the decord rows need ``pip install decord``
+(torchcodec also needs a system FFmpeg), and rows whose reader is missing record the error.
 """
 
 from __future__ import annotations
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/keye-video-bench")
     parser.add_argument("--videos", default=",".join(VIDEOS))
     parser.add_argument("--seconds", type=float, default=3600.0)
-    parser.add_argument("--readers", default="keye," + ",".join("qwen-" + b for b in QWEN_BACKENDS))
+    parser.add_argument("--readers", default="keye,decord-chunked," + ",".join("qwen-" + b for b in QWEN_BACKENDS))
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--output", default=None, help="JSON file (rewritten after every measurement)")
     parser.add_argument("--append", action="store_true", help="add the rows to an existing --output file")

@@ -257,3 +257,25 @@ def test_16bit_grayscale_png_is_scaled(tmp_path):
     for channel in range(3):
         np.testing.assert_array_equal(loaded[..., channel], want)
     assert (loaded == 255).mean() < 0.01
+
+
+def test_video_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/video_io.py on a 2-second generated clip: the file is made, measured, and the JSON has an ok row
+    with the plan's frame count (2 s at 24 fps -> 4 frames at 2 fps)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "video_io.py"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--workdir", str(tmp_path / "videos"), "--seconds", "2", "--videos",
+         "360p_h264", "--readers", "keye", "--output", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert row["status"] == "ok" and row["frames"] == 4 and row["grid"] == [4, 24, 42] and row["peak_rss_mb"] > 0
+    assert report["videos"]["360p_h264"]["frames"] == 48

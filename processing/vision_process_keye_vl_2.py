@@ -376,7 +376,8 @@ class VideoSampling:
         if self.fps is None:
             object.__setattr__(self, "fps", VIDEO_FPS)
         positive("fps", self.fps)
-        for name in ("nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "resized_height", "resized_width"):
+        for name in ("nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "resized_height",
+                     "resized_width"):
             positive(name, getattr(self, name), int)
         positive("total_pixels", self.total_pixels)
         if self.max_frames is not None and self.min_frames > self.max_frames:
@@ -424,7 +425,8 @@ class VideoSampling:
                 continue
             target = "total_pixels" if key == "video_total_pixels" else key
             if target not in names:
-                raise ValueError(_unknown_key_message(key, names | set(ignore) | {"video_total_pixels"}, where or "video options"))
+                known = names | set(ignore) | {"video_total_pixels"}
+                raise ValueError(_unknown_key_message(key, known, where or "video options"))
             if value is not None:
                 changes[target] = value
         if options.get("fps") is not None and options.get("nframes") is not None:
@@ -433,6 +435,11 @@ class VideoSampling:
         if "fps" in changes:
             changes.setdefault("nframes", None)
         return dataclasses.replace(base, **changes) if changes else base
+
+
+def _resolve_sampling(sampling: VideoSampling | None, options: dict[str, Any], where: str) -> VideoSampling:
+    """``sampling`` (default: the model's) with keyword ``options`` (field names, checked) applied."""
+    return VideoSampling.from_mapping(options, sampling, where=where) if options else (sampling or VideoSampling())
 
 
 def _unknown_key_message(key: str, known: set[str], where: str) -> str:
@@ -483,7 +490,7 @@ def plan_video(
     Raises:
         ValueError: ``nframes`` above the frames available, empty window, bad sizes (see :func:`smart_resize`).
     """
-    sampling = VideoSampling.from_mapping(options, sampling, where="plan_video") if options else (sampling or VideoSampling())
+    sampling = _resolve_sampling(sampling, options, "plan_video")
     start, end = frame_range(total_frames, video_fps, sampling.video_start, sampling.video_end)
     count = end - start + 1
     duration = total_frames / video_fps
@@ -1102,7 +1109,8 @@ def decode_frames(
             if index is not None and rate > 0:
                 container.seek(index[1][0], stream=stream, backward=True, any_frame=False)
                 stream.codec_context.flush_buffers()
-                kept, stats = _decode_by_time(container, stream, wanted, rate, height, width, deadline, path, timeout, index)
+                kept, stats = _decode_by_time(container, stream, wanted, rate, height, width, deadline, path, timeout,
+                                              index)
         except TimeoutError:
             raise
         except _TimesUnusable:
@@ -1182,7 +1190,7 @@ def read_video(
         FileNotFoundError, VideoReadError (empty file, not a video, nothing decodes), TimeoutError, ImportError (no
         PyAV), ValueError (unknown option, bad values).
     """
-    sampling = VideoSampling.from_mapping(options, sampling, where="read_video") if options else (sampling or VideoSampling())
+    sampling = _resolve_sampling(sampling, options, "read_video")
     probe = probe_video(path, timeout=timeout)
     plan = plan_video(probe["total_frames"], probe["video_fps"], probe["height"], probe["width"], sampling,
                       num_videos=num_videos)
@@ -1245,7 +1253,7 @@ def read_frame_list(
     if "fps" in options:
         frames_fps = options.pop("fps") if frames_fps is None else frames_fps
         options.pop("fps", None)
-    sampling = VideoSampling.from_mapping(options, sampling, where="read_frame_list") if options else (sampling or VideoSampling())
+    sampling = _resolve_sampling(sampling, options, "read_frame_list")
     if frames is None or len(frames) == 0:
         raise ValueError("the video's frame list is empty: a video needs at least one frame")
     tensors = _frame_list_to_tensor(frames)

@@ -28,7 +28,8 @@ def conversations():
             h, w = sizes[i % len(sizes)]
             content.append({"type": "image", "image": Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))})
         if kind in (1, 3):
-            frames = [Image.fromarray(rng.integers(0, 255, (56, 84), dtype=np.uint8)).convert("RGB") for _ in range(2 + i % 2)]
+            frames = [Image.fromarray(rng.integers(0, 255, (56, 84), dtype=np.uint8)).convert("RGB")
+                      for _ in range(2 + i % 2)]
             content.append({"type": "video", "video": frames, "sample_fps": 2.0, "max_pixels": 64 * 784})
         if kind == 2:
             name = "realshort.mp4" if i % 8 == 2 else "lego_stopmotion.webm"
@@ -67,7 +68,8 @@ def test_video_patches_filled_in_place_equal_per_frame_patchify():
     from keye_vl.processing.image_processing_keye_vl_2 import normalize_uint8, patchify
 
     rng = np.random.default_rng(1)
-    videos = [torch.from_numpy(rng.integers(0, 256, (t, 3, h, w), dtype=np.uint8)) for t, h, w in ((37, 28, 56), (5, 56, 28))]
+    shapes = ((37, 28, 56), (5, 56, 28))
+    videos = [torch.from_numpy(rng.integers(0, 256, (t, 3, h, w), dtype=np.uint8)) for t, h, w in shapes]
     out = KeyeVL2VideoProcessor()._patches(videos, chunk=8)
     want = torch.cat([patchify(normalize_uint8(f, [0.5] * 3, [0.5] * 3, 1 / 255), 14) for v in videos for f in v])
     assert out.shape == (37 * 2 * 4 + 5 * 4 * 2, 588) and torch.equal(out, want)

@@ -1,4 +1,4 @@
-"""Decode speed with the static cache (issue 12): ms per token for full-width decoder layers, four ways.
+"""Decode speed with the static cache: ms per token for full-width decoder layers, four ways.
 
 The model is the official width (2048 hidden, 32 q / 4 kv heads of 128, indexer 16 x 64 top-2048, 128 experts top-8
 of 768) with ``--layers`` decoder layers (random bf16 weights built on the GPU; the per-token time scales with the

@@ -630,7 +630,7 @@ def generate_static_row(run: Runner, model, name: str, attn: str, plan, device) 
 
 # ------------------------------------------------------------------------------------------------ report
 def summarize(data: dict) -> dict:
-    """Targets of issue 6 from the rows (None where a row is missing)."""
+    """The end-to-end targets (README benchmark section) from the rows (None where a row is missing)."""
     rows = [r for r in data["rows"] if r.get("status") == "ok"]
 
     def get(kind, model, **kw):

@@ -1,4 +1,4 @@
-"""Docs stand alone (issue 15): no file of the repository cites a folder outside it (the project's private notes) or
+"""Docs stand alone: no file of the repository cites a folder outside it (the project's private notes) or
 their "spec section N"; every "docs/keye_vl2.md section N" citation names a section that exists."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""examples/notebook.ipynb (issue 15) runs top to bottom on the tiny checkpoint on the CPU, executed with nbclient
+"""examples/notebook.ipynb runs top to bottom on the tiny checkpoint on the CPU, executed with nbclient
 as a user's Jupyter would: load, chat about an image and a video with streaming, LoRA steps, adapter save and
 reload, dry-run push. Its cells assert what they show; the committed notebook carries no outputs."""
 

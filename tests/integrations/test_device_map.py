@@ -1,4 +1,4 @@
-"""device_map="auto" (issue 15): a ``max_memory`` that forces a split across devices keeps every decoder layer and
+"""device_map="auto": a ``max_memory`` that forces a split across devices keeps every decoder layer and
 every vision layer whole (``_no_split_modules``), checked on meta-device maps with two (absent) GPUs and the CPU,
 and generation through accelerate's hooks with half the decoder offloaded to disk gives the same tokens as the
 model in memory. The GPU + CPU split runs on the GPU machine (``test_gpu_cpu_split_generates_like_one_gpu``)."""

@@ -1,4 +1,4 @@
-"""Push to the Hub (issue 15): one call publishes a complete, loadable repo. The Hub is not reachable here, so
+"""Push to the Hub: one call publishes a complete, loadable repo. The Hub is not reachable here, so
 ``HfApi.create_repo`` / ``create_branch`` / ``create_commit`` are intercepted: the test checks the exact list of
 files and their contents, then loads exactly that file set in a clean offline process (this repository blocked)
 and compares logits bit for bit, the shipped generation config, and the chat template's thinking switch."""

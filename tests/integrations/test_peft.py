@@ -1,4 +1,4 @@
-"""PEFT beyond attention (issue 15): the documented LoRA target patterns each select what they say (README.md and
+"""PEFT beyond attention: the documented LoRA target patterns each select what they say (README.md and
 the model card), and LoRA on the fused experts (``target_parameters``), the DSA indexer and the vision tower
 saves, reloads and merges (``merge_and_unload``) with the same logits as the merged weights."""
 

@@ -1,4 +1,4 @@
-"""TRL compatibility (issue 15): SFTTrainer with a PEFT LoRA config and GRPOTrainer with text prompts train the
+"""TRL compatibility: SFTTrainer with a PEFT LoRA config and GRPOTrainer with text prompts train the
 tiny model for a few CPU steps. TRL's fused LM head calls ``model.base_model(**inputs).last_hidden_state``; the
 model answers through :class:`KeyeVL2BaseModelView` without adding or renaming any state-dict key."""
 

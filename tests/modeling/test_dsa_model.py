@@ -1,4 +1,4 @@
-"""DSA inside the model (issue 4): selection by attn_implementation, exactness below top-k, indexer cache with
+"""DSA inside the model: selection by attn_implementation, exactness below top-k, indexer cache with
 chunked prefill + decode, and the two training stages' gradient routing. CPU, tiny configs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 5 item 3: a tiny model gives the same logits and greedy tokens with the Triton DSA kernels and the torch
+"""A tiny model gives the same logits and greedy tokens with the Triton DSA kernels and the torch
 reference. On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), wired
 in through the model's backend switch; on a GPU through ``attn_implementation="dsa_triton"``."""
 

@@ -1,4 +1,4 @@
-"""Fast generation (issue 12): the static cache (``generate(..., cache_implementation="static")``) against the default
+"""Fast generation: the static cache (``generate(..., cache_implementation="static")``) against the default
 dynamic cache, graph safety of its decode step, documented behaviour of sampling / beams / streaming / capacity, and
 the GPU checks (no host sync, CUDA-graph replay, compiled generate) marked ``gpu``. Tiny random models, fp32 on CPU."""
 

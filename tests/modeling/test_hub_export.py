@@ -1,4 +1,4 @@
-"""Self-contained Hub export (issue 2, item 5): a saved folder loads with trust_remote_code=True in a clean process
+"""Self-contained Hub export: a saved folder loads with trust_remote_code=True in a clean process
 where this repository is not importable, offline, with bit-identical logits; the official checkpoint layout loads
 with no missing or unexpected keys and without re-initialising any loaded tensor."""
 

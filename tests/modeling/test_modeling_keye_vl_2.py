@@ -1,4 +1,4 @@
-"""Model package tests (issue 2): layout, oracles, positions, generation, bad input. CPU, tiny configs."""
+"""Model package tests: layout, oracles, positions, generation, bad input. CPU, tiny configs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MoE experts, chunked long-context prefill and the growing cache (issue 6). CPU, tiny configs, < 1 min.
+"""MoE experts, chunked long-context prefill and the growing cache. CPU, tiny configs, < 1 min.
 
 Coverage:
 - grouped experts (``torch._grouped_mm``) == the eager reference, fp32, forward and backward (input, routing

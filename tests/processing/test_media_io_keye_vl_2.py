@@ -1,4 +1,4 @@
-"""Odd containers and images, as generated fixtures (issue 16, "Found"): frame timing from unusual frame rates,
+"""Odd containers and images, as generated fixtures: frame timing from unusual frame rates,
 missing / wrong frame counts, late and restarting timestamps; EXIF orientation; 16-bit PNG.
 
 Every fixture is written here with PyAV / PIL into tmp_path (a few KB each). Expected values are hand-computed from

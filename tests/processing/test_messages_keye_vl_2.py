@@ -1,4 +1,4 @@
-"""The message format (issue 16): qwen-vl-utils video keys honoured (nframes, resized_height / resized_width,
+"""The message format: qwen-vl-utils video keys honoured (nframes, resized_height / resized_width,
 video_start / video_end), unknown or misspelt keys rejected by name, transformers' chat-template items accepted,
 the typed VideoSampling options, and the README's video example run as written from a saved Hub folder in a
 process where this repository is not importable.

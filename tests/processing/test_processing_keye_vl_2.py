@@ -1,4 +1,4 @@
-"""KeyeVL2Processor, image processor, tokenizer and chat template (issue 3 items 1, 2, 4).
+"""KeyeVL2Processor, image processor, tokenizer and chat template.
 
 Token counts are checked against the grid arithmetic of docs/keye_vl2.md (section 7: an image of h x w pixels becomes
 (h/14 * w/14) / 4 tokens; a video frame likewise, after `<|frame|>` + its time). The save / load round trip runs in a

@@ -1,4 +1,4 @@
-"""Issue 3 item 2 against the model: the number of placeholder tokens the processor writes equals the number of
+"""The number of placeholder tokens the processor writes equals the number of
 visual embeddings the (tiny, random) model produces, for images of several aspect ratios (1:10, 10:1, a scanned
 page, tiny and near-limit shapes) and for videos; and a full forward pass accepts the processor's batch."""
 

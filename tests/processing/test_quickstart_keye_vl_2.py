@@ -1,4 +1,4 @@
-"""`python examples/quickstart.py` end to end (issue 3 item 5): tiny checkpoint exported, reloaded through the Auto
+"""`python examples/quickstart.py` end to end: tiny checkpoint exported, reloaded through the Auto
 classes with trust_remote_code, answers about the real photo and the real cockatoo video, in under 2 minutes.
 
 The figures in its JSON are checked against the sampling rules of docs/keye_vl2.md section 7, computed here:
@@ -62,6 +62,6 @@ def test_quickstart_runs_and_reports(tmp_path):
     assert "random weights: the answers below are random tokens" in proc.stdout
     assert f"checkpoint in {tmp_path / 'tiny'}\n" in proc.stdout
     assert "timestamps (s): 0.0, 0.5, 1.0, 1.5, 2.0" in proc.stdout  # the prompt's float32 times (21 / 20 -> 1.0)
-    # issue 3: under 2 minutes on the 2-core machine. On a shared, busy machine wall time inflates, so the CPU time
+    # target: under 2 minutes on the 2-core machine. On a shared, busy machine wall time inflates, so the CPU time
     # the run consumed (<= 2 cores x wall time on an idle machine) is accepted as the measure too.
     assert elapsed < 120 or cpu < 120, f"quickstart took {elapsed:.0f} s wall, {cpu:.0f} s CPU"

@@ -1,4 +1,4 @@
-"""Keye-VL-2.0 video sampling on the real media files, the pure sampling rules, and bad inputs (issue 3 items 1, 3).
+"""Keye-VL-2.0 video sampling on the real media files, the pure sampling rules, and bad inputs.
 
 Expected values are computed here from the rules of docs/keye_vl2.md section 7 and from each file's own frame
 count and frame rate, read independently with PyAV's stream metadata / demuxer (not with the code under test).

@@ -217,6 +217,28 @@ def test_timestamps_that_restart(tmp_path):
         np.testing.assert_array_equal(image, ref[index][1])
 
 
+def test_truncated_file_with_a_header_count(tmp_path):
+    """An AVI cut in half still says 300 frames (10 s at 30 fps): the plan is 20 frames at round(linspace(0, 299,
+    20)); the frames that exist come back with their own timestamps and a warning naming the file, within seconds."""
+    import time
+
+    full = tmp_path / "full.avi"
+    write_video(full, list(range(300)), codec="mpeg4")
+    data = full.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frames, info = vp.read_video(str(cut))
+    assert time.monotonic() - start < 10
+    plan = np.round(np.linspace(0, 299, 20)).astype(int).tolist()
+    n = len(info["frame_indices"])
+    assert 5 <= n < 20 and info["frame_indices"] == plan[:n] and frames.shape[0] == n
+    np.testing.assert_array_equal(np.float32(info["timestamps"]), np.float32(plan[:n]) / np.float32(30))
+    assert any("shorter than its header" in str(w.message) and "cut.avi" in str(w.message) for w in caught)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------------------

@@ -106,6 +106,10 @@ class RLArguments(OutputArguments, LoraArguments, OptimArguments, DataArguments,
             raise ValueError("--num_generations must be >= 2 (group advantages need a group std)")
         if self.old_logprobs not in ("recompute", "sampler"):
             raise ValueError(f"--old_logprobs must be recompute or sampler, got {self.old_logprobs!r}")
+        if self.old_logprobs == "sampler" and (self.top_k or self.top_p < 1.0):
+            raise ValueError("--old_logprobs sampler takes pi_old from the sampler, whose --top_k / --top_p truncation "
+                             "the training forward does not apply (the ratio would sit below 1 on every token); use "
+                             "--old_logprobs recompute with top-k / top-p sampling")
         if self.steps_per_generation < 1 or self.per_device_batch_size < 1:
             raise ValueError("--steps_per_generation and --per_device_batch_size must be >= 1")
         for name in ("save_steps", "stop_at_step", "max_steps"):

@@ -35,7 +35,8 @@ def ordered_float_keys(scores: Tensor) -> Tensor:
     bit-inverted, so a larger magnitude gives a smaller key.
     """
     s = scores.float()
-    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s) + 0.0  # + 0.0 turns -0.0 into +0.0
+    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
+    s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 -> +0.0 (not "+ 0.0": torch.compile removes that no-op)
     bits = s.view(torch.int32).to(torch.int64)
     return torch.where(bits >= 0, bits + 2**31, -1 - bits)
 

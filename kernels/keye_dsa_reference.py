@@ -297,6 +297,11 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
     Tiled (_TILE_Q queries x a block of keys): one matmul for all heads of the tile, ReLU, then the head
     sum as a batched [1, H] @ [H, keys]. With ``key_limit`` given, query i of the chunk only needs keys
     s < key_limit + i + 1 (causal); keys past its tile's limit are left at 0 (the caller masks them).
+
+    On CPU both products are an elementwise multiply and a sum instead: BLAS kernels are not column-consistent on
+    every CPU (MKL's or OpenBLAS' AVX2 / SSE paths, e.g. on CPUs without AVX-512, round a tile's edge columns
+    differently), so identical keys would score 1 ulp apart and exact ties would be broken by tile position. The
+    elementwise form does the same operations for every key, on any CPU (the tile holds D x fewer keys).
     """
     B, Tc, H, D = q_c.shape
     S_c = k_c.shape[1]
@@ -304,7 +309,7 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
     ws_all = w_c * (D ** -0.5)
     cpu = q_c.device.type == "cpu"
     tq = max(1, min(Tc, _TILE_Q if cpu else _TILE_Q_ACCEL))
-    ts = max(16, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H))
+    ts = max(16, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H * (D if cpu else 1)))
     out = None if grad else torch.zeros((B, Tc, S_c), dtype=q_c.dtype, device=q_c.device)
     rows = []
     for a in range(0, Tc, tq):
@@ -316,9 +321,14 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
         pieces = []
         for s0 in range(0, lim, ts):
             s1 = min(lim, s0 + ts)
-            y = torch.matmul(qf, k_c[:, s0:s1].transpose(1, 2))  # [B, n*H, s1-s0]
-            y = torch.relu(y) if grad else y.relu_()
-            piece = torch.matmul(ws, y.view(B * n, H, s1 - s0)).view(B, n, s1 - s0)
+            if cpu:  # column-consistent products (see the docstring)
+                y = (qf[:, :, None, :] * k_c[:, None, s0:s1, :]).sum(-1)  # [B, n*H, s1-s0]
+                y = torch.relu(y) if grad else y.relu_()
+                piece = (ws.view(B * n, H, 1) * y.view(B * n, H, s1 - s0)).sum(1).view(B, n, s1 - s0)
+            else:
+                y = torch.matmul(qf, k_c[:, s0:s1].transpose(1, 2))  # [B, n*H, s1-s0]
+                y = torch.relu(y) if grad else y.relu_()
+                piece = torch.matmul(ws, y.view(B * n, H, s1 - s0)).view(B, n, s1 - s0)
             if grad:
                 pieces.append(piece)
             else:

@@ -341,6 +341,9 @@ class KeyeVL2StaticCacheLayer(StaticLayer):
         """Write key/value states [B, H_kv, T, D] at the filled length; return the whole buffers [B, H_kv, C, D]."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self._k.shape[0]:  # a shape, known on the host: no sync
+            raise ValueError(f"this KeyeVL2StaticCache holds buffers for batch size {self._k.shape[0]}, got "
+                             f"{key_states.shape[0]} rows; build a new cache for another batch size")
         T = key_states.shape[-2]
         pos = torch.arange(T, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(T)
@@ -507,11 +510,13 @@ class KeyeVL2StaticCache(Cache):
         return self.max_cache_len
 
     def reset(self) -> None:
-        """Empty the cache, keep its buffers: the next forward is a prefill again."""
+        """Empty the cache, keep its buffers: the next forward is a prefill again (and a forward past the capacity
+        raises again: ``generate`` switches that check off for its own run)."""
         for layer in self.layers:
             layer.reset()
         self.prefilled = False
         self.prefill_length = 0
+        self.check_capacity = True
 
     def crop(self, tokens_to_remove: int) -> None:
         """Negative: drop the last -n tokens; positive: keep the first n."""

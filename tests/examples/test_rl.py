@@ -234,3 +234,11 @@ def test_equalise_micro_batches_across_ranks():
     assert [(k, r, a, w) for k, r, a, w in out] == [("a", [0], [1.0], 1.0), ("a", [1], [-1.0], 1.0),
                                                     ("a", [1], [-1.0], 0.0)]
     assert rl.equalise_chunks(chunks, 2) == [("a", [0, 1, 2, 3, 4], [0.1] * 5, 1.0), ("b", [5], [0.2], 1.0)]
+
+
+def test_sampler_old_logprobs_refused_with_truncated_sampling():
+    """pi_old from a top-k / top-p sampler is a renormalised truncation the training forward does not apply."""
+    for kw in ({"top_k": 5}, {"top_p": 0.9}):
+        with pytest.raises(ValueError, match="--old_logprobs sampler takes pi_old from the sampler"):
+            rl.RLArguments(model_config="tiny", train_file="x", old_logprobs="sampler", **kw)
+    rl.RLArguments(model_config="tiny", train_file="x", old_logprobs="recompute", top_k=5)

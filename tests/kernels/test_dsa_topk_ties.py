@@ -12,9 +12,9 @@ fp32 accumulation) in any summation order, so ties are ties on every CPU and GPU
 written out by hand. ``-0.0`` enters as query entries and head weights (``relu(-0.0)`` and ``x * -0.0``), and
 rows whose head weights are all <= 0 score ``-0.0`` where the others score ``+0.0``.
 
-``test_equal_float_keys_under_openblas_haswell`` covers the failure first seen on a CPU without AVX-512: under the
-interpreter, ``tl.dot`` is numpy's BLAS matmul, whose AVX2 kernel (OpenBLAS ``Haswell``, forced there by
-``OPENBLAS_CORETYPE``) scored identical keys 1 ulp apart depending on their column in a tile.
+``test_equal_float_keys_under_avx2_blas`` covers the failure first seen on a CPU without AVX-512: BLAS AVX2 kernels
+(numpy's OpenBLAS ``Haswell`` under the interpreter's ``tl.dot``; torch's MKL in the reference) scored identical keys
+1 ulp apart depending on their column in a tile; both now use column-consistent products on CPU.
 """
 import importlib
 import os
@@ -32,6 +32,7 @@ if not _CUDA:
 triton = pytest.importorskip("triton")
 
 ref = importlib.import_module("keye_vl.kernels.keye_dsa_reference")
+decode_topk_indices = importlib.import_module("keye_vl.kernels.keye_dsa_decode").decode_topk_indices
 common = importlib.import_module("keye_vl.kernels.keye_dsa_triton_common")
 topk_mod = importlib.import_module("keye_vl.kernels.keye_dsa_triton_topk")
 tri = importlib.import_module("keye_vl.kernels.keye_dsa_triton")
@@ -142,6 +143,13 @@ CASES = {"equal_keys": _equal_keys, "signed_zeros": _signed_zeros, "nan_and_mask
 def _run_path(path, q, w, k, topk, offsets, kw, monkeypatch):
     """Top-k of every row through one path; offsets are the per-sequence positions of query 0."""
     qo = torch.tensor(offsets, device=q.device)
+    if path == "static_decode":  # the static cache's fixed-shape top-k over the whole key buffer (plain torch)
+        T, S = q.shape[1], k.shape[1]
+        pos = qo[:, None] + torch.arange(T, device=q.device)  # [B, T] query positions
+        allowed = torch.arange(S, device=q.device)[None, None, :] <= pos[..., None]
+        if "key_mask" in kw:
+            allowed = allowed & kw["key_mask"][:, None, :]
+        return decode_topk_indices(q.float(), w.float(), k.float(), allowed, topk)
     if path == "decode":  # one query per call at its own offset: few rows, key list split across programs
         rows = [tri.dsa_topk_indices(q[:, t:t + 1], w[:, t:t + 1], k, topk, q_offset=qo + t, **kw)
                 for t in DECODE_ROWS]
@@ -157,12 +165,14 @@ def _run_path(path, q, w, k, topk, offsets, kw, monkeypatch):
         monkeypatch.setitem(tri.TOPK_CONFIG, "score_mode", int(path[-1]))
     before = dict(topk_mod.STATS)
     out = tri.dsa_topk_indices(q, w, k, topk, q_offset=qo, chunk_size=chunk, **kw)
-    if path == "fused":
+    if path in ("fused", "fallback"):
         assert topk_mod.STATS["fused_rows"] > before["fused_rows"], "the fused path did not run"
+    if path == "fallback":
+        assert topk_mod.STATS["fallback_rows"] > before["fallback_rows"], "no row was recomputed"
     return out
 
 
-PATHS = ["fused", "buffered", "chunked", "decode", "mode0", "mode1"]
+PATHS = ["fused", "fallback", "buffered", "chunked", "decode", "mode0", "mode1", "static_decode"]
 DECODE_ROWS = [0, 5, 10, 15]  # the rows the decode path recomputes one call each (interpreter time)
 
 
@@ -171,9 +181,10 @@ DECODE_ROWS = [0, 5, 10, 15]  # the rows the decode path recomputes one call eac
 @pytest.mark.parametrize("path", PATHS)
 def test_tie_rule_every_path(case, path, monkeypatch):
     # 2 sequences x 16 queries: rows of sequence 1 start at position 0 (fewer keys than k), sequence 0 sees
-    # 85..100 keys; 32 rows >= 2 x the interpreter's 4 "SMs" -> the fused path (its equal scores overflow the
-    # candidate lists and those rows are recomputed on the buffered path).
-    S, T, topk, offsets = 100, 16, 13, [84, 0]
+    # 85..100 keys; 32 rows >= 2 x the interpreter's 4 "SMs" -> the fused path. "fallback": 185..200 keys, so that
+    # the candidates above the sampled threshold (about half of the tied keys) overflow the 64-slot lists and those
+    # rows are recomputed on the buffered path.
+    S, T, topk, offsets = (200, 16, 13, [184, 0]) if path == "fallback" else (100, 16, 13, [84, 0])
     q, w, k, kw, exp = CASES[case](S, T, topk, offsets)
     out = _run_path(path, q, w, k, topk, offsets, kw, monkeypatch)
     expect = ref.dsa_topk_indices(q, w, k, topk, q_offset=torch.tensor(offsets), **kw)
@@ -217,17 +228,27 @@ _HASWELL_SCRIPT = textwrap.dedent("""
     dec = torch.cat([tri.dsa_topk_indices(q[:, t:t + 1], w[:, t:t + 1], k, 13, q_offset=134 + t) for t in (0, 15)], 1)
     if not torch.equal(dec, expect[:, :2]):
         bad.append("decode")
+    from keye_vl.kernels import keye_dsa_reference as ref
+    from keye_vl.kernels.keye_dsa_decode import decode_topk_indices
+    if not torch.equal(ref.dsa_topk_indices(q, w, k, 13), expect):
+        bad.append("reference")
+    allowed = torch.arange(150)[None, None, :] <= (134 + torch.arange(16))[None, :, None]
+    if not torch.equal(decode_topk_indices(q, w, k, allowed, 13), expect):
+        bad.append("static_decode")
     print("BAD", bad)
     sys.exit(1 if bad else 0)
 """)
 
 
 @cpu
-def test_equal_float_keys_under_openblas_haswell():
-    """Identical float keys tie on every path also where numpy's BLAS is OpenBLAS' AVX2 kernel (CPUs without
-    AVX-512, e.g. AMD EPYC): run in a subprocess with ``OPENBLAS_CORETYPE=Haswell`` (ignored, harmlessly, by a
-    BLAS that has no such switch). Before the fix this returned rows such as ``[0..7, 120..124]``."""
-    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+def test_equal_float_keys_under_avx2_blas():
+    """Identical float keys tie on every path (Triton under the interpreter, the torch reference, the static-cache
+    decode) also where the BLAS runs its AVX2 kernels (CPUs without AVX-512, e.g. AMD EPYC): a subprocess with
+    numpy's OpenBLAS forced to ``OPENBLAS_CORETYPE=Haswell`` and torch's MKL to ``MKL_ENABLE_INSTRUCTIONS=AVX2``
+    (each ignored, harmlessly, by a BLAS without the switch). Before the fixes this returned rows such as
+    ``[0..7, 120..124]`` (Triton) and ``[0..4, 192..199]`` (reference)."""
+    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell", MKL_ENABLE_INSTRUCTIONS="AVX2", TRITON_INTERPRET="1",
+               OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", _HASWELL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -242,7 +263,8 @@ def test_equal_float_keys_under_openblas_haswell():
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("path", PATHS)
 def test_gpu_tie_rule_every_path(case, path, dtype, monkeypatch):
-    S, T, topk, offsets = 6000, 320, 2048, [5680, 0]
+    # "fallback": rows of ~20K tied keys put ~10K candidates above the sampled threshold, past the 8K-slot lists
+    S, T, topk, offsets = (20000, 320, 2048, [19680, 0]) if path == "fallback" else (6000, 320, 2048, [5680, 0])
     q, w, k, kw, exp = CASES[case](S, T, topk, offsets)
     if path == "decode":  # 320 single-query calls are slow to launch one by one: every 16th query
         q, w = q[:, ::16], w[:, ::16]

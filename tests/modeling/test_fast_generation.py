@@ -188,6 +188,12 @@ def test_ordered_float_keys_hand_values():
     assert key[7] == key[0]  # NaN counts as -inf
     assert key[0] < key[1] < key[3] < key[4] < key[5] < key[6]
     assert key[5] == 2**31 + 0x40400000  # 3.0f = 0x40400000
+    # compiled (the static decode under generate's compile path): -0.0 still equals +0.0 (a "+ 0.0" did not survive)
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    compiled = torch.compile(ordered_float_keys, backend="inductor", fullgraph=True)
+    assert torch.equal(compiled(x), key)
 
 
 # ----------------------------------------------------------------------------- graph safety (CPU proxy)
@@ -320,6 +326,17 @@ def test_reset_static_cache_reuses_buffers_and_gives_the_same_tokens():
         cache.reset()
         second = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, **{_CACHE_FIELD: cache})
     assert torch.equal(first, second) and cache.layers[0]._k.data_ptr() == ptr
+    # after generate and reset, a hand-written loop past the capacity is a clear error again (not an index error)
+    cache.reset()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+        for _ in range(6):
+            model(input_ids=ids[:, :1], past_key_values=cache)
+        with pytest.raises(ValueError, match=r"KeyeVL2StaticCache is full: 20 cached \+ 1 new tokens > max_cache_len=20"):
+            model(input_ids=ids[:, :1], past_key_values=cache)
+        cache.reset()
+        with pytest.raises(ValueError, match="buffers for batch size 1, got 2 rows"):
+            model.generate(input_ids=ids.repeat(2, 1), max_new_tokens=2, do_sample=False, **{_CACHE_FIELD: cache})
 
 
 # ----------------------------------------------------------------------------- GPU (H200)

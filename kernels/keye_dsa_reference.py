@@ -298,10 +298,10 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
     sum as a batched [1, H] @ [H, keys]. With ``key_limit`` given, query i of the chunk only needs keys
     s < key_limit + i + 1 (causal); keys past its tile's limit are left at 0 (the caller masks them).
 
-    On CPU both products are an elementwise multiply and a sum instead: BLAS kernels are not column-consistent on
+    On CPU both products are written out as multiplies and adds instead: BLAS kernels are not column-consistent on
     every CPU (MKL's or OpenBLAS' AVX2 / SSE paths, e.g. on CPUs without AVX-512, round a tile's edge columns
     differently), so identical keys would score 1 ulp apart and exact ties would be broken by tile position. The
-    elementwise form does the same operations for every key, on any CPU (the tile holds D x fewer keys).
+    explicit form does the same operations, in the same order, for every key, on any CPU.
     """
     B, Tc, H, D = q_c.shape
     S_c = k_c.shape[1]
@@ -309,7 +309,7 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
     ws_all = w_c * (D ** -0.5)
     cpu = q_c.device.type == "cpu"
     tq = max(1, min(Tc, _TILE_Q if cpu else _TILE_Q_ACCEL))
-    ts = max(16, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H * (D if cpu else 1)))
+    ts = max(16, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H))
     out = None if grad else torch.zeros((B, Tc, S_c), dtype=q_c.dtype, device=q_c.device)
     rows = []
     for a in range(0, Tc, tq):
@@ -321,10 +321,17 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
         pieces = []
         for s0 in range(0, lim, ts):
             s1 = min(lim, s0 + ts)
-            if cpu:  # column-consistent products (see the docstring)
-                y = (qf[:, :, None, :] * k_c[:, None, s0:s1, :]).sum(-1)  # [B, n*H, s1-s0]
-                y = torch.relu(y) if grad else y.relu_()
-                piece = (ws.view(B * n, H, 1) * y.view(B * n, H, s1 - s0)).sum(1).view(B, n, s1 - s0)
+            if cpu:  # column-consistent: explicit multiply / add in a fixed order, no BLAS, no FMA (docstring)
+                kt = k_c[:, s0:s1]
+                y = qf[:, :, None, 0] * kt[:, None, :, 0]  # [B, n*H, s1-s0]
+                for d in range(1, D):
+                    y = y + qf[:, :, None, d] * kt[:, None, :, d]
+                y = torch.relu(y).view(B * n, H, s1 - s0)
+                wv = ws.view(B * n, H, 1)
+                piece = wv[:, 0] * y[:, 0]
+                for h in range(1, H):
+                    piece = piece + wv[:, h] * y[:, h]
+                piece = piece.view(B, n, s1 - s0)
             else:
                 y = torch.matmul(qf, k_c[:, s0:s1].transpose(1, 2))  # [B, n*H, s1-s0]
                 y = torch.relu(y) if grad else y.relu_()

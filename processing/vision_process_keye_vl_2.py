@@ -325,8 +325,9 @@ class VideoSampling:
     - ``fps`` (float, 2.0): frames per second to take, never above the video's own rate.
     - ``nframes`` (int, None): take exactly this many frames instead of the ``fps`` rule (qwen-vl-utils key);
       must be <= the frames in the (windowed) video.
-    - ``min_frames`` (int, 2), ``max_frames`` (int, None): bounds of the ``fps`` rule; the budget also caps the
-      count at ``floor(budget / (64 * 784))`` frames (2,880 by default).
+    - ``min_frames`` (int, 2), ``max_frames`` (int, None): bounds of the ``fps`` rule, ``max_frames`` winning
+      where they cross (``max_frames=1`` gives one frame with the default ``min_frames``); the budget also caps
+      the count at ``floor(budget / (64 * 784))`` frames (2,880 by default).
     - ``min_pixels`` (int, 64 x 784), ``max_pixels`` (int, 256 x 784): per-frame area bounds in pixels (the
       minimum is never below 64 tokens).
     - ``total_pixels`` (float, 184,320 x 784): the per-request budget in pixels, divided among the videos of one
@@ -380,8 +381,6 @@ class VideoSampling:
                      "resized_width"):
             positive(name, getattr(self, name), int)
         positive("total_pixels", self.total_pixels)
-        if self.max_frames is not None and self.min_frames > self.max_frames:
-            raise ValueError(f"video option min_frames ({self.min_frames}) must be <= max_frames ({self.max_frames})")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"video option min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels}); "
                              "lower min_pixels together with max_pixels")

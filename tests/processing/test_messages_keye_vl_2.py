@@ -119,8 +119,8 @@ def test_video_sampling_options_object():
         VideoSampling(max_frames=2.5)
     with pytest.raises(ValueError, match="sampling fps must be positive"):
         VideoSampling(fps=float("inf"))
-    with pytest.raises(ValueError, match=r"min_frames \(10\) must be <= max_frames \(4\)"):
-        VideoSampling(min_frames=10, max_frames=4)
+    # max_frames wins over min_frames where they cross (documented): one frame for max_frames=1
+    assert vp.plan_video(280, 20.0, 720, 1280, VideoSampling(max_frames=1))["nframes"] == 1
     with pytest.raises(ValueError, match=r"min_pixels \(78400\) must be <= max_pixels \(50176\)"):
         VideoSampling(min_pixels=100 * 784, max_pixels=64 * 784)
     # one plan for files, frame lists and arrays: the same numbers as the keyword form

@@ -18,11 +18,14 @@ fp16 ``tl.dot`` are not trustworthy) and use fp32 dots. Kernels run on CUDA tens
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 # Triton is optional (the package imports, and the reference works, without it): the guarded import, the
 # interpreter flag, the tunables and the small launch helpers live in keye_dsa_triton_common.
 from .keye_dsa_triton_common import CONFIG, HAS_TRITON, _INTERPRET, _check_triton, _next_pow2, tl, triton  # noqa: F401
+from .keye_dsa_reference import _check_indices_chunk  # noqa: E402  (debug-mode index check)
 from .keye_dsa_reference import hadamard_transform  # noqa: E402  (torch; runs on any device)
 from .keye_dsa_triton_kl import indexer_kl_loss  # noqa: E402
 TOPK_CONFIG = CONFIG  # the same dict (older name of the top-k entries)
@@ -238,7 +241,8 @@ def sparse_attention(q, k, v, indices, *, scaling, return_lse=False):
         q: ``[B, T, Hq, D]`` bf16/fp16/fp32; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (k's dtype).
         indices: int64 ``[B, T, K]``, positions in ``[0, S)`` or ``-1`` (empty), no duplicates in a row. Unlike
             the reference (which raises), entries outside ``[0, S)`` are treated as empty and duplicates are not
-            detected (a repeated key counts twice): checking either would cost a host sync.
+            detected (a repeated key counts twice): checking either costs a host sync. With the environment
+            variable ``KEYE_DSA_DEBUG=1`` they are checked as the reference does (ValueError).
         scaling: softmax scale (the model uses head_dim**-0.5).
         return_lse: also return the fp32 log-sum-exp ``[B, T, Hq]`` (natural log; not differentiable).
 
@@ -267,6 +271,8 @@ def sparse_attention(q, k, v, indices, *, scaling, return_lse=False):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if indices.dtype != torch.long or indices.dim() != 3 or tuple(indices.shape[:2]) != (B, T):
         raise ValueError(f"indices must be int64 [B={B}, T={T}, K], got {indices.dtype} {tuple(indices.shape)}")
+    if os.environ.get("KEYE_DSA_DEBUG", "0") not in ("", "0"):  # debug mode: the reference's range / duplicate check
+        _check_indices_chunk(indices, k.shape[1])
     q, k, v, indices = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, indices))
     out, lse = _SparseAttention.apply(q, k, v, indices, float(scaling))
     return (out, lse) if return_lse else out

@@ -727,31 +727,38 @@ class KeyeVL2VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary = KeyeVL2VisionRotaryEmbedding(config)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, frames_per_chunk: int | None = None) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, frames_per_chunk: int | None = None,
+                input_names: tuple[str, str] = ("pixel_values", "grid_thw")) -> torch.Tensor:
         """
         Args:
             pixel_values: [N, C*P*P] (or [N, C, P, P]) patches, each image/frame in raster order.
             grid_thw: [n, 3] int64 (t, h, w) patches per image/video; ``N == sum(t * h * w)``.
             frames_per_chunk: process at most this many frames of one size at a time (bounds memory).
+            input_names: what the caller calls the two inputs, for the error messages (e.g.
+                ``("pixel_values_videos", "video_grid_thw")``).
         Returns:
             [N, hidden] patch features in raster order.
         Raises:
-            ValueError: if the number of patches does not match ``grid_thw``.
+            ValueError: a wrong patch shape, a bad grid, a patch count that does not match ``grid_thw``, or NaN / inf
+                in the pixels (they would give NaN logits), each naming the input.
         """
+        pname, gname = input_names
         grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
         C, P, m = self.config.num_channels, self.config.patch_size, self.config.spatial_merge_size
         if pixel_values.dim() not in (2, 4) or pixel_values[0].numel() != C * P * P:
             raise ValueError(
-                f"pixel_values must be [N, {C * P * P}] (or [N, {C}, {P}, {P}]) patches, got {tuple(pixel_values.shape)}"
+                f"{pname} must be [N, {C * P * P}] (or [N, {C}, {P}, {P}]) patches, got {tuple(pixel_values.shape)}"
             )
         bad = [g for g in grids if min(g) < 1 or g[1] % m or g[2] % m]
         if bad:
-            raise ValueError(f"grid_thw rows {bad}: t, h, w must be >= 1 and h, w multiples of the merge size {m}")
+            raise ValueError(f"{gname} rows {bad}: t, h, w must be >= 1 and h, w multiples of the merge size {m}")
         expected = sum(t * h * w for t, h, w in grids)
         if pixel_values.shape[0] != expected:
             raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} patches but grid_thw {grids} describes {expected}"
+                f"{pname} has {pixel_values.shape[0]} patches but {gname} {grids} describes {expected}"
             )
+        if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError(f"{pname} has NaN or inf values (a damaged or unnormalised input?)")
         x = self.embeddings(pixel_values, grids)
         outs, start = [], 0
         for t, h, w in grids:
@@ -775,8 +782,8 @@ class KeyeVL2VisionModel(nn.Module):
         super().__init__()
         self.vision_model = KeyeVL2VisionTransformer(config)
 
-    def forward(self, pixel_values, grid_thw, frames_per_chunk=None):
-        return self.vision_model(pixel_values, grid_thw, frames_per_chunk)
+    def forward(self, pixel_values, grid_thw, frames_per_chunk=None, input_names=("pixel_values", "grid_thw")):
+        return self.vision_model(pixel_values, grid_thw, frames_per_chunk, input_names)
 
 
 class KeyeVL2Projector(nn.Module):
@@ -1086,15 +1093,24 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
         return self.model
 
     # ------------------------------------------------------------------ vision
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """[N_patches, 588] + grid [n, 3] -> [N_patches / 4, hidden] LLM embeddings (raster 2 x 2 merge)."""
+    def _vision_features(self, pixels: torch.Tensor, grid_thw: torch.Tensor, input_names) -> torch.Tensor:
         dtype = self.visual.vision_model.embeddings.patch_embedding.weight.dtype
-        feats = self.visual(pixel_values.to(dtype), image_grid_thw, frames_per_chunk=getattr(self.config, "vision_frames_per_chunk", None))
-        return self.mlp_AR(feats, image_grid_thw)
+        if pixels.is_floating_point() and not bool(torch.isfinite(pixels).all()):  # before a cast could hide it
+            raise ValueError(f"{input_names[0]} has NaN or inf values (a damaged or unnormalised input?)")
+        feats = self.visual(pixels.to(dtype), grid_thw, frames_per_chunk=getattr(self.config, "vision_frames_per_chunk", None),
+                            input_names=input_names)
+        return self.mlp_AR(feats, grid_thw)
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """[N_patches, 588] + grid [n, 3] -> [N_patches / 4, hidden] LLM embeddings (raster 2 x 2 merge).
+
+        Raises ValueError naming ``pixel_values`` / ``image_grid_thw`` for bad shapes, grids or NaN / inf pixels."""
+        return self._vision_features(pixel_values, image_grid_thw, ("pixel_values", "image_grid_thw"))
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
-        """Videos are a sequence of frames; each frame is encoded on its own (temporal patch 1)."""
-        return self.get_image_features(pixel_values_videos, video_grid_thw)
+        """Videos are a sequence of frames; each frame is encoded on its own (temporal patch 1). Errors name
+        ``pixel_values_videos`` / ``video_grid_thw``."""
+        return self._vision_features(pixel_values_videos, video_grid_thw, ("pixel_values_videos", "video_grid_thw"))
 
     def _merge_vision(self, input_ids, inputs_embeds, features, token_id, kind):
         mask = input_ids == token_id
@@ -1379,11 +1395,14 @@ class KeyeVL2MoeForConditionalGeneration(KeyeVL2MoeModel, GenerationMixin):
         >>> processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     """
 
-    _tied_weights_keys: dict = {}
+    _tied_weights_keys: dict = {}  # set per instance once lm_head exists (the parent's post_init runs first)
 
     def __init__(self, config: KeyeVL2Config):
         super().__init__(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # tied only where config.tie_word_embeddings is True (transformers 5.x reads the flag; the official model
+        # is untied, so its checkpoint keeps both matrices)
+        self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
         self.post_init()
         self.generation_config = keye_generation_config()  # the family's sampling defaults (see that function)
 

@@ -334,6 +334,24 @@ def test_sparse_attention_fp16_and_out_of_range_indices():
 
 
 @cpu
+def test_sparse_attention_debug_mode_checks_indices(monkeypatch):
+    """KEYE_DSA_DEBUG=1: out-of-range and repeated keys raise as in the reference (off: not checked, no sync)."""
+    q, k, v, idx = _attn_inputs(1, 4, 30, 8, 2, 32, 32, 12, seed=4)
+    dup = idx.clone()
+    dup[0, 1, 1] = dup[0, 1, 0] if int(dup[0, 1, 0]) >= 0 else 3
+    dup[0, 1, 0] = dup[0, 1, 1]
+    monkeypatch.setenv("KEYE_DSA_DEBUG", "1")
+    with pytest.raises(ValueError, match="same key twice"):
+        tri.sparse_attention(q, k, v, dup, scaling=0.2)
+    oob = idx.clone()
+    oob[0, 0, 0] = 30  # S = 30
+    with pytest.raises(ValueError, match=r"\[-1, S\) with S=30"):
+        tri.sparse_attention(q, k, v, oob, scaling=0.2)
+    with pytest.raises(ValueError, match="same key twice"):
+        ref.sparse_attention(q, k, v, dup, scaling=0.2)
+
+
+@cpu
 def test_sparse_attention_fixed_over_a_static_buffer_equals_the_reference_and_the_torch_decode_path():
     """Decode against a static cache: k / v are the whole token-major buffer (rows past the filled length hold
     junk, -1 slots are empty); the forward-only Triton launch == the reference on the filled prefix == the plain

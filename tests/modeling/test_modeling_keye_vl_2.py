@@ -352,11 +352,41 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 # ----------------------------------------------------------------------------------------- 6. bad input
+def test_tie_word_embeddings_is_honoured(tmp_path):
+    """Untied by default (the official layout: both matrices saved); tied with tie_word_embeddings=True, through a
+    save / load round trip (transformers 5.x saves the tied matrix once)."""
+    from safetensors import safe_open
+
+    for tie in (False, True):
+        torch.manual_seed(0)
+        model = KeyeVL2MoeForConditionalGeneration(tiny_config(tie_word_embeddings=tie))
+        assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) is tie
+        model.save_pretrained(tmp_path / str(tie))
+        keys = set()
+        for f in (tmp_path / str(tie)).glob("*.safetensors"):
+            with safe_open(str(f), "pt") as fh:
+                keys |= set(fh.keys())
+        assert ("lm_head.weight" in keys) is not tie
+        back = KeyeVL2MoeForConditionalGeneration.from_pretrained(tmp_path / str(tie))
+        assert (back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()) is tie
+        assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+
+
 def test_bad_inputs_raise_clear_value_errors():
     model = make_model()
     ids, pixels, grid = image_inputs()
-    with pytest.raises(ValueError, match="patches but grid_thw"):
+    with pytest.raises(ValueError, match="pixel_values has 21 patches but image_grid_thw"):
         model(input_ids=ids, pixel_values=pixels[:-3], image_grid_thw=grid)
+    # the same checks name the video inputs when the input is a video
+    with pytest.raises(ValueError, match="pixel_values_videos has 21 patches but video_grid_thw"):
+        model.get_video_features(pixels[:-3], grid)
+    for bad in (float("nan"), float("inf")):  # would give NaN logits
+        p2 = pixels.clone()
+        p2[3, 5] = bad
+        with pytest.raises(ValueError, match="pixel_values has NaN or inf"):
+            model(input_ids=ids, pixel_values=p2, image_grid_thw=grid)
+        with pytest.raises(ValueError, match="pixel_values_videos has NaN or inf"):
+            model.get_video_features(p2, grid)
     two_images = torch.cat([ids, ids], dim=1)
     with pytest.raises(ValueError, match="image features and image tokens do not match"):
         model(input_ids=two_images, pixel_values=pixels, image_grid_thw=grid)

@@ -110,14 +110,14 @@ def test_rollout_logprobs_equal_training_forward_and_vision_runs_once(model, pro
     once per prompt batch, not once per completion; with and without the feature cache the samples agree."""
     batch = D.collate_prompts(prompts, model.config.pad_token_id)
     calls = []
-    orig = type(model).get_image_features
+    orig = type(model)._vision_features  # what get_image_features and get_video_features both run
 
-    def counting(self, pix, grid):
+    def counting(self, pix, grid, names):
         calls.append(int(grid.shape[0]))
-        return orig(self, pix, grid)
+        return orig(self, pix, grid, names)
 
     G = 3
-    type(model).get_image_features = counting
+    type(model)._vision_features = counting
     try:
         rb = R.generate_rollouts(model, batch, G, 10, EOS, model.config.pad_token_id, generator_seed=0)
         n_rollout = list(calls)
@@ -127,7 +127,7 @@ def test_rollout_logprobs_equal_training_forward_and_vision_runs_once(model, pro
         rb2 = R.generate_rollouts(model, batch, G, 10, EOS, model.config.pad_token_id, reuse_vision=False,
                                   generator_seed=0)
     finally:
-        type(model).get_image_features = orig
+        type(model)._vision_features = orig
     # one image and one video grid (the video's frames are one grid row each) -> computed once each
     n_frames = int(prompts[1]["video_grid_thw"].shape[0])
     assert n_rollout == [1, n_frames]

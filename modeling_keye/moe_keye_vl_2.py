@@ -241,9 +241,11 @@ class KeyeVL2Experts(nn.Module):
         dtype = self._compute_dtype(x)
         flat = top_k_index.reshape(-1)
         xs = x.to(dtype)[:, None].expand(N, k, H).reshape(N * k, 1, H)
-        h = torch.bmm(xs, self.gate_up_proj.to(dtype).index_select(0, flat))  # [N*k, 1, 2I]
+        # gather the hit experts first, then cast: with fp32 master weights under bf16 autocast (the trainers'
+        # rollouts) this converts N*k experts' weights per step, not all of them
+        h = torch.bmm(xs, self.gate_up_proj.index_select(0, flat).to(dtype))  # [N*k, 1, 2I]
         h = self.act_fn(h[..., :I]) * h[..., I:]
-        y = torch.bmm(h, self.down_proj.to(dtype).index_select(0, flat)).view(N, k, H)  # [N*k, 1, H]
+        y = torch.bmm(h, self.down_proj.index_select(0, flat).to(dtype)).view(N, k, H)  # [N*k, 1, H]
         out = torch.bmm(top_k_weights.to(dtype).reshape(N, 1, k), y)  # fp32 accumulation over the k slots
         return out.view(N, H).to(x.dtype)
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,13 +45,14 @@ CLEAN_PRELUDE = textwrap.dedent(
 )
 
 
-def run_clean_process(code: str, cwd, timeout=300) -> subprocess.CompletedProcess:
+def run_clean_process(code: str, cwd, timeout=300, home=None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter with ``keye_vl`` blocked, ``HF_HUB_OFFLINE=1`` and a private HF_HOME
-    under ``cwd``; assert it exits 0 (its stderr tail is the failure message)."""
+    under ``home`` (default: ``cwd``); assert it exits 0 (its stderr tail is the failure message)."""
+    home = Path(cwd if home is None else home)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(cwd),
-        "HF_HOME": str(cwd / "hf_home"),
+        "HOME": str(home),
+        "HF_HOME": str(home / "hf_home"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),

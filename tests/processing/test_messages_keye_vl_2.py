@@ -7,10 +7,7 @@ Expected indices are hand-computed from the published rule (``round(linspace(sta
 realshort.mp4 (36 frames, 45000/1499 = 30.02 fps, 320 x 240) and cockatoo.mp4 (280 frames, 20 fps, 1280 x 720).
 """
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -148,18 +145,6 @@ def test_process_vision_info_output_goes_straight_into_the_processor(processor):
     assert stamps == ["0.0", "1.2", "0.0", "0.5", "1.0"]  # 35 / 30.02 = 1.166; frames at 2 fps: 0, 0.5, 1.0
 
 
-CLEAN_PRELUDE = textwrap.dedent(
-    """
-    import sys
-    class _Block:  # this repository must not be importable: everything comes from the folder
-        def find_spec(self, name, path=None, target=None):
-            if name == "keye_vl" or name.startswith("keye_vl."):
-                raise ImportError("blocked " + name)
-    sys.meta_path.insert(0, _Block())
-    """
-)
-
-
 def readme_video_example() -> str:
     text = (REPO / "README.md").read_text()
     block = text.split("<!-- readme-video-example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
@@ -167,14 +152,14 @@ def readme_video_example() -> str:
     return block
 
 
-def test_readme_video_example_runs_from_a_hub_folder(tmp_path):
+def test_readme_video_example_runs_from_a_hub_folder(tmp_path, run_clean):
     from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration, tiny_config
 
     torch.manual_seed(0)
     folder = tmp_path / "keye-tiny"
     KeyeVL2MoeForConditionalGeneration(tiny_config()).eval().save_pretrained(folder)
     build_keye_processor().save_pretrained(folder)
-    code = CLEAN_PRELUDE + textwrap.dedent(
+    code = textwrap.dedent(
         f"""
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -188,10 +173,7 @@ def test_readme_video_example_runs_from_a_hub_folder(tmp_path):
         print("MODULE", type(processor).__module__)
         """
     )
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_clean(code, REPO, timeout=240, home=tmp_path)  # the README's relative media paths: run in the repo
     # cockatoo: 14 s, fps 1 -> 14 frames, capped at max_frames 4; 720 x 1280 under T = 256 tokens -> 336 x 588
     assert "GRID [[4, 24, 42]] NEW 8" in proc.stdout, proc.stdout
     assert "transformers_modules" in proc.stdout.split("MODULE", 1)[1]

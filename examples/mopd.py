@@ -47,15 +47,15 @@ import torch
 
 from keye_vl.training.args import DataArguments, LoraArguments, ModelArguments, OptimArguments, OutputArguments, parse_args
 from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final
-from keye_vl.training.data import PromptEncoder, RecordStream, StreamState, collate_prompts, load_processor
+from keye_vl.training.data import PromptEncoder, RecordStream, StreamState, collate_prompts, load_processor, processor_path
 from keye_vl.training.logging import TrainLogger
 from keye_vl.training.logprobs import completion_hidden, completion_logprobs, exact_reverse_kl
-from keye_vl.training.loop import (backward_and_step, device_name, make_accelerator, make_optimizer, make_scheduler,
+from keye_vl.training.loop import (backward_and_step, device_name, make_accelerator, prepare_training,
                                    peak_memory_gib, reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.losses import (group_normalised_rewards, mopd_advantages, mopd_loss, overlap_kl_loss,
                                      sampled_in_overlap, topk_overlap, truncated_importance_weights)
 from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, UNUSED_PARAMS, VISION_PREFIXES, build_model,
-                                     configure_trainable, count_parameters, load_any_causal_lm, unwrap_base,
+                                     configure_trainable, load_any_causal_lm, unwrap_base,
                                      vision_is_frozen)
 from keye_vl.training.rollout import VisionFeatureCache, generate_rollouts, unsharded_for_rollout
 
@@ -420,11 +420,7 @@ def main(args: MOPDArguments | None = None, processor=None) -> dict:
     model = configure_student(build_model(args.model_name_or_path, args.model_config, args.attn_implementation, device),
                               args)
     base = unwrap_base(model)
-    n_train, n_total = count_parameters(model)
-    optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, args)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer, scheduler, n_train, n_total = prepare_training(accelerator, model, args)
     frozen_vision = vision_is_frozen(model)
     if accelerator.num_processes > 1 and not frozen_vision:
         # A rank whose prompts hold no image or video would give the vision tower no gradient while the others do,
@@ -436,10 +432,7 @@ def main(args: MOPDArguments | None = None, processor=None) -> dict:
         step, saved = load_checkpoint(accelerator, find_checkpoint(args.output_dir, args.resume_from_checkpoint))
         state = StreamState.from_dict(saved["data"])
 
-    proc_path = args.processor_name_or_path
-    if proc_path is None and args.model_name_or_path and os.path.isfile(os.path.join(args.model_name_or_path, "tokenizer.json")):
-        proc_path = args.model_name_or_path
-    processor = processor or load_processor(proc_path)
+    processor = processor or load_processor(processor_path(args.processor_name_or_path, args.model_name_or_path))
     tok = processor.tokenizer
     eos_ids = [tok.convert_tokens_to_ids(t) for t in EOS_TOKENS]
     pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else tok.pad_token_id

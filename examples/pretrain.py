@@ -42,13 +42,12 @@ import torch
 
 from keye_vl.training.args import DataArguments, LoraArguments, ModelArguments, OptimArguments, OutputArguments, parse_args
 from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final as _save_final
-from keye_vl.training.data import BatchStream, PackedStream, Prefetcher, SampleEncoder, StreamState, load_processor
+from keye_vl.training.data import BatchStream, PackedStream, Prefetcher, SampleEncoder, StreamState, load_processor, processor_path
 from keye_vl.training.logging import TrainLogger
-from keye_vl.training.loop import (backward_and_step, device_name, make_accelerator, make_optimizer, make_scheduler,
+from keye_vl.training.loop import (backward_and_step, device_name, make_accelerator, prepare_training,
                                    peak_memory_gib, reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.losses import lm_forward_loss
-from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, INDEXER, UNUSED_PARAMS, configure_trainable,
-                                     count_parameters)
+from keye_vl.training.models import DECODER_ATTN, EXPERT_PARAMS, INDEXER, UNUSED_PARAMS, configure_trainable
 from keye_vl.training.models import build_model as _build_model
 from keye_vl.training.models import load_lora  # noqa: F401  (re-exported: pretrain.load_lora(base, adapter_dir))
 
@@ -156,11 +155,7 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
     model = configure_stage(build_model(args, accelerator.device), args)
     base = model.get_base_model() if args.lora else model
     config = base.config
-    n_train, n_total = count_parameters(model)
-    optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, args)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer, scheduler, n_train, n_total = prepare_training(accelerator, model, args)
 
     # ---- resume
     step, data_state = 0, StreamState()
@@ -170,11 +165,7 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
         data_state = StreamState.from_dict(saved)
 
     # ---- data
-    proc_path = args.processor_name_or_path
-    if proc_path is None and args.model_name_or_path and any(
-            os.path.isfile(os.path.join(args.model_name_or_path, f)) for f in ("processor_config.json", "tokenizer.json")):
-        proc_path = args.model_name_or_path
-    processor = processor or load_processor(proc_path)
+    processor = processor or load_processor(processor_path(args.processor_name_or_path, args.model_name_or_path))
     encoder = SampleEncoder(processor, loss_on=args.loss_on, base_dir=os.path.dirname(os.path.abspath(args.train_file)))
     packs = PackedStream(args.train_file, encoder, args.max_seq_len, pack=args.pack, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, state=data_state, cache_size=args.cache_samples)

@@ -50,14 +50,14 @@ import torch
 
 from keye_vl.training.args import DataArguments, LoraArguments, ModelArguments, OptimArguments, OutputArguments, parse_args
 from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final
-from keye_vl.training.data import PromptEncoder, RecordStream, StreamState, collate_prompts, load_processor
+from keye_vl.training.data import PromptEncoder, RecordStream, StreamState, collate_prompts, load_processor, processor_path
 from keye_vl.training.gspo import GroupFiller, group_advantages, gspo_loss
 from keye_vl.training.logging import TrainLogger
 from keye_vl.training.logprobs import completion_logprobs
-from keye_vl.training.loop import (device_name, make_accelerator, make_optimizer, make_scheduler, peak_memory_gib,
+from keye_vl.training.loop import (device_name, make_accelerator, prepare_training, peak_memory_gib,
                                    reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, UNUSED_PARAMS, VISION_PREFIXES, build_model,
-                                     configure_trainable, count_parameters, unwrap_base, vision_is_frozen)
+                                     configure_trainable, unwrap_base, vision_is_frozen)
 from keye_vl.training.rewards import compute_rewards
 from keye_vl.training.rollout import VISION_KINDS, RolloutBatch, _row_items, generate_rollouts, unsharded_for_rollout
 
@@ -331,22 +331,14 @@ def main(args: RLArguments | None = None, processor=None) -> dict:
     ref_model = None
     if args.beta and not args.lora:  # with LoRA the reference is the base model (adapters disabled)
         ref_model = copy.deepcopy(unwrap_base(model)).eval().requires_grad_(False).to(device)
-    n_train, n_total = count_parameters(model)
-    optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, args)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer, scheduler, n_train, n_total = prepare_training(accelerator, model, args)
 
     step, stream_state = 0, StreamState()
     if args.resume_from_checkpoint:
         step, saved = load_checkpoint(accelerator, find_checkpoint(args.output_dir, args.resume_from_checkpoint))
         stream_state = StreamState.from_dict(saved["stream"])
 
-    proc_path = args.processor_name_or_path
-    if proc_path is None and args.model_name_or_path and any(
-            os.path.isfile(os.path.join(args.model_name_or_path, f)) for f in ("processor_config.json", "tokenizer.json")):
-        proc_path = args.model_name_or_path
-    processor = processor or load_processor(proc_path)
+    processor = processor or load_processor(processor_path(args.processor_name_or_path, args.model_name_or_path))
     stream = RecordStream(args.train_file, rank=accelerator.process_index, world_size=accelerator.num_processes,
                           state=stream_state)
     encoder = PromptEncoder(processor, base_dir=os.path.dirname(os.path.abspath(args.train_file)))

@@ -69,6 +69,18 @@ def load_processor(name_or_path: str | None = None):
     return build_keye_processor()
 
 
+def processor_path(processor_name_or_path: str | None, model_name_or_path: str | None) -> str | None:
+    """Where the trainers take the processor from: ``processor_name_or_path`` when given, else the checkpoint folder
+    when it holds a processor or tokenizer (``processor_config.json`` / ``tokenizer.json``), else None (the package
+    default, :func:`load_processor`)."""
+    if processor_name_or_path is not None:
+        return processor_name_or_path
+    if model_name_or_path and any(os.path.isfile(os.path.join(model_name_or_path, f))
+                                  for f in ("processor_config.json", "tokenizer.json")):
+        return model_name_or_path
+    return None
+
+
 def _process_vision_info_fn():
     from keye_vl.processing import process_vision_info
 

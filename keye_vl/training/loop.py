@@ -53,6 +53,23 @@ def make_scheduler(optimizer, args):
                          num_training_steps=args.max_steps)
 
 
+def prepare_training(accelerator, model, args):
+    """The set-up every trainer does once its model is configured: count the parameters, AdamW
+    (:func:`make_optimizer`) and the schedule (:func:`make_scheduler`), ``accelerator.prepare`` of model and
+    optimizer, and the scheduler registered for checkpoints (exact resume).
+
+    Returns ``(model, optimizer, scheduler, n_trainable, n_total)`` (the counts before wrapping).
+    """
+    from .models import count_parameters
+
+    n_train, n_total = count_parameters(model)
+    optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, scheduler, n_train, n_total
+
+
 def backward_and_step(accelerator, model, optimizer, loss: torch.Tensor, max_grad_norm: float):
     """``accelerator.backward(loss)``, then (on a synchronising micro-step) clip and step; call it inside
     ``accelerator.accumulate(model)``. Returns the gradient norm before clipping (a tensor) on a synchronising

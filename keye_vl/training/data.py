@@ -221,6 +221,25 @@ class StreamState:
         return cls(**d) if d else cls()
 
 
+
+def _rank_lines(path: str, start: StreamState, rank: int, world_size: int):
+    """The non-blank lines of rank ``rank`` (``line % world_size == rank``) from ``start``, cycling epochs forever:
+    yields ``(raw bytes, StreamState of that line)``, and ``(None, started_at_zero)`` at the end of each epoch (the
+    readers refuse a whole epoch that gave this rank nothing)."""
+    epoch, offset, line = start.epoch, start.offset, start.line
+    while True:
+        from_start = offset == 0
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for raw in iter(f.readline, b""):
+                here = StreamState(epoch, offset, line)
+                offset += len(raw)
+                line += 1
+                if here.line % world_size == rank and raw.strip():
+                    yield raw, here
+        yield None, from_start
+        epoch, offset, line = epoch + 1, 0, 0
+
 class PackedStream:
     """Stream packs of whole samples from a JSONL file, for one rank.
 
@@ -268,34 +287,24 @@ class PackedStream:
 
     def _samples(self, start: StreamState) -> Iterator[tuple[dict, StreamState]]:
         """Yield (sample, position of that sample) for this rank, forever."""
-        epoch, offset, line = start.epoch, start.offset, start.line
-        while True:
-            from_start, produced = offset == 0, False
-            with open(self.path, "rb") as f:
-                f.seek(offset)
-                while True:
-                    raw = f.readline()
-                    if not raw:
-                        break
-                    here = StreamState(epoch, offset, line)
-                    offset += len(raw)
-                    line += 1
-                    if here.line % self.world_size != self.rank or not raw.strip():
-                        continue
-                    sample = self._encode_cached(here.offset, raw)
-                    n = int(sample["input_ids"].numel())
-                    if n > self.max_len:
-                        self.skipped += 1
-                        logger.warning("skipping line %d of %s: %d tokens > max_len %d", here.line + 1, self.path, n, self.max_len)
-                        continue
-                    produced = True
-                    yield sample, here
-            if not produced and from_start:
-                raise ValueError(
-                    f"{self.path} gives rank {self.rank} of {self.world_size} no sample of at most {self.max_len} "
-                    "tokens: add data, raise max_len or use fewer processes"
-                )
-            epoch, offset, line = epoch + 1, 0, 0
+        produced = False
+        for raw, here in _rank_lines(self.path, start, self.rank, self.world_size):
+            if raw is None:  # end of an epoch
+                if not produced and here:
+                    raise ValueError(
+                        f"{self.path} gives rank {self.rank} of {self.world_size} no sample of at most {self.max_len} "
+                        "tokens: add data, raise max_len or use fewer processes"
+                    )
+                produced = False
+                continue
+            sample = self._encode_cached(here.offset, raw)
+            n = int(sample["input_ids"].numel())
+            if n > self.max_len:
+                self.skipped += 1
+                logger.warning("skipping line %d of %s: %d tokens > max_len %d", here.line + 1, self.path, n, self.max_len)
+                continue
+            produced = True
+            yield sample, here
 
     def __iter__(self) -> Iterator[tuple[list[dict], StreamState]]:
         cur: list[dict] = []
@@ -561,35 +570,22 @@ class RecordStream:
         self.state = state or StreamState()
 
     def __iter__(self) -> Iterator[tuple[dict, StreamState]]:
-        epoch, offset, line = self.state.epoch, self.state.offset, self.state.line
-        while True:
-            from_start, produced = offset == 0, False
-            pending = None
-            with open(self.path, "rb") as f:
-                f.seek(offset)
-                while True:
-                    raw = f.readline()
-                    if not raw:
-                        break
-                    here_line = line
-                    offset += len(raw)
-                    line += 1
-                    if here_line % self.world_size != self.rank or not raw.strip():
-                        continue
-                    try:
-                        record = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{self.path}: line {here_line + 1} is not valid JSON: {e}") from e
-                    if pending is not None:
-                        yield pending, StreamState(epoch, offset - len(raw), here_line)
-                    pending = record
-                    produced = True
-            if not produced and from_start:
-                raise ValueError(f"{self.path} gives rank {self.rank} of {self.world_size} no record")
+        pending, pending_epoch, produced = None, None, False
+        for raw, here in _rank_lines(self.path, self.state, self.rank, self.world_size):
+            if raw is None:  # end of an epoch
+                if not produced and here:
+                    raise ValueError(f"{self.path} gives rank {self.rank} of {self.world_size} no record")
+                produced = False
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}: line {here.line + 1} is not valid JSON: {e}") from e
             if pending is not None:
-                # the next record is the first of this rank in the next epoch
-                yield pending, StreamState(epoch + 1, 0, 0)
-            epoch, offset, line = epoch + 1, 0, 0
+                # the state after a record is where the next one of this rank starts (in the next epoch for the
+                # epoch's last one: the first line at or after offset 0)
+                yield pending, here if here.epoch == pending_epoch else StreamState(here.epoch, 0, 0)
+            pending, pending_epoch, produced = record, here.epoch, True
 
     def take(self, n: int) -> tuple[list[dict], StreamState]:
         """The next ``n`` records and the state after them (advances ``self.state``)."""

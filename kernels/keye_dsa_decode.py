@@ -68,7 +68,7 @@ def decode_topk_indices(q: Tensor, w: Tensor, k: Tensor, allowed: Tensor, topk: 
         )
     kk = min(int(topk), C)
     with torch.no_grad():
-        scores = _indexer_scores_chunk(q.float(), w.float(), k.float())  # [B, T, C] fp32
+        scores = _indexer_scores_chunk(q.float(), w.float(), k.float(), exact=True)  # [B, T, C] fp32, exact ties
         pos = torch.arange(C, device=k.device, dtype=torch.int64)
         tie = (2**_POS_BITS - 1) - pos  # lower position = larger key
         keys = (ordered_float_keys(scores) + 1) * 2**_POS_BITS + tie  # every allowed key above every other

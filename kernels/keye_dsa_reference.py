@@ -291,17 +291,20 @@ def hadamard_transform(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # indexer scores and top-k
 # ----------------------------------------------------------------------------------------------
-def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Optional[int] = None) -> Tensor:
+def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Optional[int] = None,
+                          exact: bool = False) -> Tensor:
     """I [B, Tc, S_c] = sum_h w * D^-1/2 * relu(q_h . k_s), unmasked; inputs already in the compute dtype.
 
     Tiled (_TILE_Q queries x a block of keys): one matmul for all heads of the tile, ReLU, then the head
     sum as a batched [1, H] @ [H, keys]. With ``key_limit`` given, query i of the chunk only needs keys
     s < key_limit + i + 1 (causal); keys past its tile's limit are left at 0 (the caller masks them).
 
-    On CPU both products are written out as multiplies and adds instead: BLAS kernels are not column-consistent on
-    every CPU (MKL's or OpenBLAS' AVX2 / SSE paths, e.g. on CPUs without AVX-512, round a tile's edge columns
-    differently), so identical keys would score 1 ulp apart and exact ties would be broken by tile position. The
-    explicit form does the same operations, in the same order, for every key, on any CPU.
+    ``exact=True`` on CPU (the top-k selections): the products are an elementwise multiply and a sum over D, and
+    the head sum explicit adds in head order, instead of BLAS, which is not column-consistent on every CPU (MKL's or
+    OpenBLAS' AVX2 / SSE paths, e.g. on CPUs without AVX-512, round a tile's edge columns differently), so
+    identical keys would score 1 ulp apart and exact ties would be broken by tile position. The exact form does
+    the same operations, in the same order, for every key, on any CPU (its tiles hold D x fewer keys; several
+    times slower than BLAS). Scores that need no exact ties (the KL loss, materialised scores) keep BLAS.
     """
     B, Tc, H, D = q_c.shape
     S_c = k_c.shape[1]
@@ -309,7 +312,11 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
     ws_all = w_c * (D ** -0.5)
     cpu = q_c.device.type == "cpu"
     tq = max(1, min(Tc, _TILE_Q if cpu else _TILE_Q_ACCEL))
-    ts = max(16, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H))
+    exact = exact and cpu
+    if exact:  # the [.., keys, D] product tile stays at 1/16 of the usual budget (no buffer near [S, S])
+        ts = max(16, (_TILE_FLOATS // 16) // max(1, B * tq * H * D))
+    else:
+        ts = max(16, (_TILE_FLOATS if cpu else _TILE_FLOATS_ACCEL) // max(1, B * tq * H))
     out = None if grad else torch.zeros((B, Tc, S_c), dtype=q_c.dtype, device=q_c.device)
     rows = []
     for a in range(0, Tc, tq):
@@ -321,11 +328,8 @@ def _indexer_scores_chunk(q_c: Tensor, w_c: Tensor, k_c: Tensor, key_limit: Opti
         pieces = []
         for s0 in range(0, lim, ts):
             s1 = min(lim, s0 + ts)
-            if cpu:  # column-consistent: explicit multiply / add in a fixed order, no BLAS, no FMA (docstring)
-                kt = k_c[:, s0:s1]
-                y = qf[:, :, None, 0] * kt[:, None, :, 0]  # [B, n*H, s1-s0]
-                for d in range(1, D):
-                    y = y + qf[:, :, None, d] * kt[:, None, :, d]
+            if exact:  # column-consistent: no BLAS (docstring)
+                y = (qf[:, :, None, :] * k_c[:, None, s0:s1, :]).sum(-1)  # [B, n*H, s1-s0]
                 y = torch.relu(y).view(B * n, H, s1 - s0)
                 wv = ws.view(B * n, H, 1)
                 piece = wv[:, 0] * y[:, 0]
@@ -465,7 +469,8 @@ def dsa_topk_indices(q: Tensor, w: Tensor, k: Tensor, topk: int, *, q_offset: Un
             t1 = min(T, t0 + chunk)
             S_c = min(S, max_off + t1)  # keys past the last query of the chunk are never allowed
             pos_q = off.unsqueeze(1) + torch.arange(t0, t1, device=q.device).unsqueeze(0)
-            s = _indexer_scores_chunk(q[:, t0:t1].to(cd), w[:, t0:t1].to(cd), kf[:, :S_c], key_limit=max_off + t0)
+            s = _indexer_scores_chunk(q[:, t0:t1].to(cd), w[:, t0:t1].to(cd), kf[:, :S_c], key_limit=max_off + t0,
+                                      exact=True)  # a selection: exact ties on any CPU
             allowed = _allowed_dense(pos_q, S_c, key_mask, segment_ids)
             out[:, t0:t1] = _select_topk(s, allowed, topk)
     return out

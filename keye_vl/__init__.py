@@ -10,16 +10,34 @@ __version__ = "0.1.0"
 
 def _checkout_fallback() -> None:
     """Used from a source checkout that is not pip-installed (e.g. a GPU machine with no package index, the repo
-    root on ``PYTHONPATH``): the card's folders sit beside this one, not inside it, so ``keye_vl.kernels`` etc. are
-    looked up there too. Installed (wheel or editable), the folders are found the normal way and nothing changes."""
+    root on ``PYTHONPATH``): the card's folders sit beside this one, not inside it. When ``keye_vl.kernels`` cannot
+    be found the normal way (installed: inside the wheel, or through the editable finder), a last-resort finder maps
+    exactly ``keye_vl.kernels`` / ``keye_vl.modeling_keye`` / ``keye_vl.processing`` to those folders; nothing else
+    of the checkout becomes importable."""
+    import importlib.machinery
+    import importlib.util
     import os
+    import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
-    if not os.path.isdir(os.path.join(here, "kernels")) and all(
-        os.path.isfile(os.path.join(root, d, "__init__.py")) for d in ("kernels", "modeling_keye", "processing")
-    ) and os.path.isfile(os.path.join(root, "setup.cfg")):
-        __path__.append(root)  # noqa: F821  (the package's own __path__)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    names = ("kernels", "modeling_keye", "processing")
+    if not all(os.path.isfile(os.path.join(root, d, "__init__.py")) for d in names):
+        return
+    try:
+        found = importlib.util.find_spec(f"{__name__}.kernels") is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return
+
+    class _CheckoutFinder:
+        def find_spec(self, fullname, path=None, target=None):
+            head, _, tail = fullname.partition(".")
+            if head == __name__ and tail in names:
+                return importlib.machinery.PathFinder.find_spec(fullname, [root])
+            return None
+
+    sys.meta_path.append(_CheckoutFinder())
 
 
 _checkout_fallback()

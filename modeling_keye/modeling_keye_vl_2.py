@@ -739,8 +739,8 @@ class KeyeVL2VisionTransformer(nn.Module):
         Returns:
             [N, hidden] patch features in raster order.
         Raises:
-            ValueError: a wrong patch shape, a bad grid, a patch count that does not match ``grid_thw``, or NaN / inf
-                in the pixels (they would give NaN logits), each naming the input.
+            ValueError: a wrong patch shape, a bad grid or a patch count that does not match ``grid_thw``, naming the
+                input (NaN / inf pixels are refused by the model's get_image_features / get_video_features).
         """
         pname, gname = input_names
         grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
@@ -757,8 +757,6 @@ class KeyeVL2VisionTransformer(nn.Module):
             raise ValueError(
                 f"{pname} has {pixel_values.shape[0]} patches but {gname} {grids} describes {expected}"
             )
-        if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values).all()):
-            raise ValueError(f"{pname} has NaN or inf values (a damaged or unnormalised input?)")
         x = self.embeddings(pixel_values, grids)
         outs, start = [], 0
         for t, h, w in grids:

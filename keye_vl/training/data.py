@@ -71,12 +71,12 @@ def load_processor(name_or_path: str | None = None):
 
 def processor_path(processor_name_or_path: str | None, model_name_or_path: str | None) -> str | None:
     """Where the trainers take the processor from: ``processor_name_or_path`` when given, else the checkpoint folder
-    when it holds a processor or tokenizer (``processor_config.json`` / ``tokenizer.json``), else None (the package
-    default, :func:`load_processor`)."""
+    when it holds a saved processor (``processor_config.json`` / ``preprocessor_config.json``; a tokenizer alone
+    would load as a tokenizer, not a processor), else None (the package default, :func:`load_processor`)."""
     if processor_name_or_path is not None:
         return processor_name_or_path
     if model_name_or_path and any(os.path.isfile(os.path.join(model_name_or_path, f))
-                                  for f in ("processor_config.json", "tokenizer.json")):
+                                  for f in ("processor_config.json", "preprocessor_config.json")):
         return model_name_or_path
     return None
 

@@ -164,6 +164,16 @@ def multi_span_iou(pred: Sequence[tuple[float, float]], gt: Sequence[tuple[float
     return inter / union if union > 0 else 0.0
 
 
+def _clip_duration(duration, clip_to_duration) -> float | None:
+    """The duration to clip to (None: no clipping). Raises ValueError for a non-bool flag (a JSON "false" string
+    would read as true) or clipping asked without a duration."""
+    if not isinstance(clip_to_duration, bool):
+        raise ValueError(f"clip_to_duration must be true or false, got {clip_to_duration!r}")
+    if clip_to_duration and duration is None:
+        raise ValueError("clip_to_duration is set but the task has no duration")
+    return duration if clip_to_duration else None
+
+
 def _clip(span: tuple[float, float], duration: float | None) -> tuple[float, float] | None:
     if duration is None:
         return span
@@ -188,7 +198,7 @@ def tiou_reward(completion: str, solution: Any, duration: float | None = None, c
     pred = parse_span(answer_text(completion))
     if pred is None:
         return 0.0
-    pred = _clip(pred, duration if clip_to_duration else None)
+    pred = _clip(pred, _clip_duration(duration, clip_to_duration))
     return 0.0 if pred is None else span_iou(pred, gt)
 
 
@@ -203,7 +213,7 @@ def multi_tiou_reward(completion: str, solution: Any, duration: float | None = N
     if not isinstance(solution, (list, tuple)) or not solution:
         raise ValueError(f"multi-span solution must be a non-empty list of [start, end], got {solution!r}")
     gt = [_check_span(s) for s in solution]
-    dur = duration if clip_to_duration else None
+    dur = _clip_duration(duration, clip_to_duration)
     pred = [c for c in (_clip(s, dur) for s in parse_spans(answer_text(completion))) if c is not None]
     return multi_span_iou(pred, gt)
 

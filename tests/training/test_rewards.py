@@ -61,6 +61,10 @@ def test_tiou_hand_values():
     assert tiou_reward("12 - 30", [6, 10], duration=10) == 0.0  # disjoint either way
     with pytest.raises(ValueError, match="duration must be"):
         tiou_reward("1 - 2", [0, 3], duration=float("nan"), clip_to_duration=True)
+    with pytest.raises(ValueError, match="clip_to_duration must be true or false"):
+        tiou_reward("1 - 2", [0, 3], duration=10, clip_to_duration="false")
+    with pytest.raises(ValueError, match="no duration"):
+        tiou_reward("1 - 2", [0, 3], clip_to_duration=True)
     with pytest.raises(ValueError, match="0 <= start < end"):
         tiou_reward("1 - 2", [5, 3])
     with pytest.raises(ValueError, match="two numbers"):

@@ -759,8 +759,9 @@ FPS_MISMATCH_TOLERANCE = 0.02
 def probe_video(path: str, count_packets: bool | None = None, timeout: float | None = None) -> dict[str, Any]:
     """Read a video's metadata with PyAV without decoding pixels: the one definition of frames, rate and duration.
 
-    - ``total_frames``: the header's frame count when the container stores one (mp4/mov/avi), otherwise the number
-      of non-empty video packets found by demuxing (no decoding, streaming);
+    - ``total_frames``: the header's frame count when the container stores one (mp4/mov), otherwise the number
+      of non-empty video packets found by demuxing (no decoding, streaming); AVI: the larger of the two (its
+      header count can be short of the file, and its null frames are counted by the header only);
     - ``video_fps``: the stream's average frame rate (``avg_frame_rate``, as decord's ``get_avg_fps``); when packets
       were counted and their timestamps are distinct, the rate they imply, ``(n - 1) / (last - first)``, replaces it
       if the two differ by more than 2% (variable-rate files whose header rate is nominal), with
@@ -793,7 +794,11 @@ def probe_video(path: str, count_packets: bool | None = None, timeout: float | N
         height, width = int(stream.codec_context.height or 0), int(stream.codec_context.width or 0)
         codec = stream.codec_context.name
         header_frames = int(stream.frames or 0)
-        use_count = count_packets if count_packets is not None else header_frames <= 0
+        # AVI's count is a writable header field (dwLength) that can be short of the frames the file holds (a
+        # silently dropped tail): its packets are counted too, demux only, and the larger count wins (null frames
+        # stay counted by the header)
+        avi = "avi" in (container.format.name or "").split(",")
+        use_count = count_packets if count_packets is not None else (header_frames <= 0 or avi)
         total_frames = header_frames
         time_base = stream.time_base
         if use_count:
@@ -809,6 +814,12 @@ def probe_video(path: str, count_packets: bool | None = None, timeout: float | N
                 raise
             except Exception as err:  # a damaged container may stop demuxing part way
                 warnings.warn(f"demuxing {path!r} stopped after {total_frames} packets: {err}", stacklevel=2)
+            if avi and header_frames > 0:
+                if total_frames > header_frames:
+                    warnings.warn(f"{path!r}: the AVI header counts {header_frames} frames, the file holds "
+                                  f"{total_frames}; using {total_frames}", stacklevel=2)
+                total_frames = max(total_frames, header_frames)
+                packet_pts = []  # the header's rate stands (AVI timestamps are frame numbers)
         video_fps = _stream_fps(stream)
         fps_source = "stream"
         if video_fps <= 0:
@@ -840,7 +851,7 @@ def probe_video(path: str, count_packets: bool | None = None, timeout: float | N
         "width": width,
         "duration": total_frames / video_fps,
         "codec": codec,
-        "frames_from_header": not use_count,
+        "frames_from_header": total_frames == header_frames,
         "fps_source": fps_source,
     }
 

@@ -117,6 +117,34 @@ def test_avi_odd_rate_with_dropped_frames(tmp_path):
     assert torch.equal(seeking, got)
 
 
+def test_avi_header_counting_fewer_frames_than_the_file_holds(tmp_path):
+    """An AVI whose header (strh dwLength) says 40 frames while 90 are stored: the packets are counted, the larger
+    count wins (with a warning), so the last 50 frames (1.67 s) are not silently dropped. 90 frames at 30 fps =
+    3.0 s: nframes = 6, indices round(linspace(0, 89, 6)) = [0, 18, 36, 53, 71, 89]."""
+    import struct
+
+    path = tmp_path / "short_header.avi"
+    write_video(path, list(range(90)), rate=30, codec="mpeg4", fmt="avi")
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"strh")
+    assert raw[at + 8:at + 12] == b"vids" and struct.unpack_from("<I", raw, at + 8 + 32) == (90,)
+    struct.pack_into("<I", raw, at + 8 + 32, 40)
+    path.write_bytes(bytes(raw))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 40  # what the header now says
+    with pytest.warns(UserWarning, match="header counts 40 frames, the file holds 90"):
+        probe = vp.probe_video(str(path))
+    assert (probe["total_frames"], probe["video_fps"], probe["duration"]) == (90, 30.0, 3.0)
+    with pytest.warns(UserWarning, match="header counts 40"):
+        frames, info = vp.read_video(str(path))
+    assert info["frame_indices"] == [0, 18, 36, 53, 71, 89]
+    ref, time_base = decode_all(path)
+    assert len(ref) == 90
+    got, found = vp.decode_frames(str(path), info["frame_indices"])
+    for image, index in zip(native(got), found):
+        np.testing.assert_array_equal(image, expected_frame(ref, time_base, 30.0, index))
+
+
 def test_variable_rate_mkv_without_frame_count(tmp_path):
     """mkv has no frame count (packets are counted: 60) and states a nominal 30 fps, but the frames alternate 20 ms
     and 80 ms: the timestamps span 29 x 100 + 20 = 2,920 ms for 59 intervals, 20.2055 fps, so the video lasts

@@ -46,11 +46,11 @@ from typing import Optional
 import torch
 
 from keye_vl.training.args import DataArguments, LoraArguments, ModelArguments, OptimArguments, OutputArguments, parse_args
-from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final
+from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from keye_vl.training.data import PromptEncoder, RecordStream, StreamState, collate_prompts, load_processor, processor_path
 from keye_vl.training.logging import TrainLogger
 from keye_vl.training.logprobs import completion_hidden, completion_logprobs, exact_reverse_kl
-from keye_vl.training.loop import (backward_and_step, device_name, make_accelerator, prepare_training,
+from keye_vl.training.loop import (finish_run, backward_and_step, device_name, make_accelerator, prepare_training,
                                    peak_memory_gib, reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.losses import (group_normalised_rewards, mopd_advantages, mopd_loss, overlap_kl_loss,
                                      sampled_in_overlap, topk_overlap, truncated_importance_weights)
@@ -564,12 +564,7 @@ def main(args: MOPDArguments | None = None, processor=None) -> dict:
         "mean_rollout_tokens_per_s_per_device": _mean([r["rollout_tokens_per_s_per_device"] for r in train_rows[1:]]),
         "mean_step_time_s": _mean([r["step_time_s"] for r in train_rows[1:]]),
     }
-    if device.type == "cuda":
-        summary["peak_memory_gib"] = max((r.get("peak_memory_gib", 0.0) for r in history), default=0.0)
-    if args.save_final and step >= args.max_steps:
-        summary["final_dir"] = save_final(accelerator, model, processor, args.output_dir, adapter_only=args.lora)
-    log.finish(summary)
-    return {"history": history, **summary, "model": accelerator.unwrap_model(model), "pool": pool}
+    return {**finish_run(accelerator, log, model, processor, args, step, summary, device), "pool": pool}
 
 
 def _generate_kwargs(args) -> dict:

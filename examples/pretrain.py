@@ -41,10 +41,10 @@ from typing import Optional
 import torch
 
 from keye_vl.training.args import DataArguments, LoraArguments, ModelArguments, OptimArguments, OutputArguments, parse_args
-from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final as _save_final
+from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from keye_vl.training.data import BatchStream, PackedStream, Prefetcher, SampleEncoder, StreamState, load_processor, processor_path
 from keye_vl.training.logging import TrainLogger
-from keye_vl.training.loop import (backward_and_step, device_name, make_accelerator, prepare_training,
+from keye_vl.training.loop import (finish_run, backward_and_step, device_name, make_accelerator, prepare_training,
                                    peak_memory_gib, reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.losses import lm_forward_loss
 from keye_vl.training.models import DECODER_ATTN, EXPERT_PARAMS, INDEXER, UNUSED_PARAMS, configure_trainable
@@ -232,12 +232,8 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
         "device": device_name(device),
     }
     if device.type == "cuda":
-        summary["peak_memory_gib"] = max((r.get("peak_memory_gib", 0.0) for r in history), default=0.0)
         summary["peak_reserved_gib_rank0"] = torch.cuda.max_memory_reserved(device) / 2**30
-    if args.save_final and step >= args.max_steps:
-        summary["final_dir"] = _save_final(accelerator, model, processor, args.output_dir, adapter_only=args.lora)
-    log.finish(summary)
-    return {"history": history, **summary, "model": accelerator.unwrap_model(model)}
+    return finish_run(accelerator, log, model, processor, args, step, summary, device)
 
 
 if __name__ == "__main__":

@@ -49,12 +49,12 @@ from typing import Optional
 import torch
 
 from keye_vl.training.args import DataArguments, LoraArguments, ModelArguments, OptimArguments, OutputArguments, parse_args
-from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final
+from keye_vl.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from keye_vl.training.data import PromptEncoder, RecordStream, StreamState, collate_prompts, load_processor, processor_path
 from keye_vl.training.gspo import GroupFiller, group_advantages, gspo_loss
 from keye_vl.training.logging import TrainLogger
 from keye_vl.training.logprobs import completion_logprobs
-from keye_vl.training.loop import (device_name, make_accelerator, prepare_training, peak_memory_gib,
+from keye_vl.training.loop import (finish_run, device_name, make_accelerator, prepare_training, peak_memory_gib,
                                    reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, UNUSED_PARAMS, VISION_PREFIXES, build_model,
                                      configure_trainable, unwrap_base, vision_is_frozen)
@@ -491,12 +491,7 @@ def main(args: RLArguments | None = None, processor=None) -> dict:
         "reward_first": history[0]["reward"] if history else None,
         "reward_last": history[-1]["reward"] if history else None,
     }
-    if device.type == "cuda":
-        summary["peak_memory_gib"] = max((r.get("peak_memory_gib", 0.0) for r in history), default=0.0)
-    if args.save_final and step >= args.max_steps:
-        summary["final_dir"] = save_final(accelerator, model, processor, args.output_dir, adapter_only=args.lora)
-    log.finish(summary)
-    return {"history": history, **summary, "model": accelerator.unwrap_model(model)}
+    return finish_run(accelerator, log, model, processor, args, step, summary, device)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,15 @@ def run_clean_process(code: str, cwd, timeout=300, home=None) -> subprocess.Comp
 def run_clean():
     """:func:`run_clean_process` as a fixture (test modules cannot import each other in importlib mode)."""
     return run_clean_process
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random checkpoint folder (``tiny_config()``, seed 0, ``save_pretrained``), one per test module; its
+    path as a string."""
+    from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration, tiny_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    KeyeVL2MoeForConditionalGeneration(tiny_config()).save_pretrained(path)
+    return str(path)

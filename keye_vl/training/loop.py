@@ -112,3 +112,19 @@ def peak_memory_gib(accelerator) -> float | None:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def finish_run(accelerator, log, model, processor, args, step: int, summary: dict, device: torch.device) -> dict:
+    """The end every trainer shares: the peak memory of the logged rows (CUDA), the final save when the run reached
+    ``args.max_steps`` and ``args.save_final`` is set (:func:`keye_vl.training.checkpoint.save_final`), the summary
+    written by the logger (JSON + trackers closed). Updates ``summary`` and returns
+    ``{"history": log.history, **summary, "model": the unwrapped model}``."""
+    from .checkpoint import save_final
+
+    history = log.history
+    if device.type == "cuda":
+        summary["peak_memory_gib"] = max((r.get("peak_memory_gib", 0.0) for r in history), default=0.0)
+    if args.save_final and step >= args.max_steps:
+        summary["final_dir"] = save_final(accelerator, model, processor, args.output_dir, adapter_only=args.lora)
+    log.finish(summary)
+    return {"history": history, **summary, "model": accelerator.unwrap_model(model)}

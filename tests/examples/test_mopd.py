@@ -77,16 +77,6 @@ def processor():
 
 
 @pytest.fixture(scope="module")
-def student_ckpt(tmp_path_factory):
-    from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration, tiny_config
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("student") / "ckpt"
-    KeyeVL2MoeForConditionalGeneration(tiny_config()).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """A tiny Keye-VL-2.0 teacher (image / ocr / video) and a tiny text-only Qwen3 teacher (math / writing)."""
     return MT.make_teachers(str(tmp_path_factory.mktemp("teachers")))
@@ -173,15 +163,15 @@ def test_advantages_weights_and_loss_equal_a_hand_computation():
 # ------------------------------------------------------------------------------------------------------------
 # teacher == student
 # ------------------------------------------------------------------------------------------------------------
-def test_teacher_equal_to_student_gives_zero_advantage_and_zero_gradient(processor, student_ckpt, tmp_path):
+def test_teacher_equal_to_student_gives_zero_advantage_and_zero_gradient(processor, tiny_checkpoint, tmp_path):
     from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration
 
     table = tmp_path / "self.json"
-    table.write_text(json.dumps({"teachers": {"self": {"path": student_ckpt}}, "default": "self"}))
-    args = M.MOPDArguments(model_name_or_path=student_ckpt, teachers=str(table), freeze_vision=True,
+    table.write_text(json.dumps({"teachers": {"self": {"path": tiny_checkpoint}}, "default": "self"}))
+    args = M.MOPDArguments(model_name_or_path=tiny_checkpoint, teachers=str(table), freeze_vision=True,
                            attn_implementation="dsa_torch", num_generations=2, max_new_tokens=6, report_to="none")
     student = M.configure_student(KeyeVL2MoeForConditionalGeneration.from_pretrained(
-        student_ckpt, attn_implementation="dsa_torch"), args).train()
+        tiny_checkpoint, attn_implementation="dsa_torch"), args).train()
     records = _records("mopd_train.jsonl", {"image", "video", "math"})[::3][:3]
     enc = PromptEncoder(processor)
     prompts = [enc(r) for r in records]
@@ -211,7 +201,7 @@ def test_teacher_equal_to_student_gives_zero_advantage_and_zero_gradient(process
 # ------------------------------------------------------------------------------------------------------------
 # routing, one teacher at a time, a video end to end
 # ------------------------------------------------------------------------------------------------------------
-def test_routing_one_teacher_at_a_time_and_video_end_to_end(processor, student_ckpt, teachers, tmp_path, monkeypatch):
+def test_routing_one_teacher_at_a_time_and_video_end_to_end(processor, tiny_checkpoint, teachers, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     recs = _records("mopd_train.jsonl")
@@ -239,7 +229,7 @@ def test_routing_one_teacher_at_a_time_and_video_end_to_end(processor, student_c
         return res
 
     monkeypatch.setattr(M, "completion_logprobs", recording)
-    out = run(processor, model_name_or_path=student_ckpt, teachers=teachers, train_file=train, max_steps=2,
+    out = run(processor, model_name_or_path=tiny_checkpoint, teachers=teachers, train_file=train, max_steps=2,
               per_device_batch_size=4, output_dir=str(tmp_path / "run"), save_final=True)
     pool = out["pool"]
     assert peak[0] == 1 and pool.max_loaded == 1 and pool.loaded_now == 0
@@ -261,7 +251,7 @@ def test_routing_one_teacher_at_a_time_and_video_end_to_end(processor, student_c
     rows = out["history"]
     assert all(math.isfinite(r["loss"]) and r["kl/vision"] is not None and r["kl/text"] is not None for r in rows)
     # the video prompt's gradient reached the vision tower (trained here): its weights moved
-    before, after = load_file(os.path.join(student_ckpt, "model.safetensors")), load_file(
+    before, after = load_file(os.path.join(tiny_checkpoint, "model.safetensors")), load_file(
         os.path.join(out["final_dir"], "model.safetensors"))
     assert not torch.equal(before["visual.vision_model.encoder.layers.0.mlp.fc1.weight"],
                            after["visual.vision_model.encoder.layers.0.mlp.fc1.weight"])
@@ -299,13 +289,13 @@ def test_kl_to_a_fixed_teacher_falls_on_heldout_prompts(processor, tmp_path):
     assert kl[-1] < 0.85 * kl[0], f"held-out KL did not fall: {kl}"
 
 
-def test_resume_is_bitwise_identical_with_lora(processor, student_ckpt, teachers, tmp_path):
+def test_resume_is_bitwise_identical_with_lora(processor, tiny_checkpoint, teachers, tmp_path):
     """LoRA (attention + fused experts), gradient accumulation, a cosine schedule and formatting-token weights;
     stop after step 1, resume, and compare with the uninterrupted run."""
     from safetensors.torch import load_file
 
     train = _write(tmp_path / "train.jsonl", _records("mopd_train.jsonl", {"math", "writing", "image"})[:5])
-    common = dict(model_name_or_path=student_ckpt, teachers=teachers, train_file=train, max_steps=2,
+    common = dict(model_name_or_path=tiny_checkpoint, teachers=teachers, train_file=train, max_steps=2,
                   gradient_accumulation_steps=2, lr_scheduler_type="cosine", warmup_steps=1, save_final=True,
                   format_tokens="<|im_end|>,.", format_token_weight=0.5, lora=True, lora_r=4, learning_rate=1e-2)
     a = run(processor, output_dir=str(tmp_path / "a"), **common)

@@ -79,17 +79,6 @@ def files(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A tiny random checkpoint (the base of every run here, so 'before' weights are known)."""
-    from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration, tiny_config
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    KeyeVL2MoeForConditionalGeneration(tiny_config()).save_pretrained(path)
-    return str(path)
-
-
 def run(processor, **kw) -> dict:
     """``pretrain.main`` in-process (fresh Accelerate state), CPU fp32, no tracking."""
     from accelerate.state import AcceleratorState, GradientState
@@ -174,10 +163,10 @@ def _expected(stage: str, names: list[str], freeze_vision: bool) -> set[str]:
 
 @pytest.mark.parametrize("stage,freeze_vision", [
     ("align", False), ("full", False), ("full", True), ("dsa-warmup", False), ("dsa-sparse", False)])
-def test_stage_changes_exactly_its_parameters(processor, files, tiny_ckpt, tmp_path, stage, freeze_vision):
-    out = run(processor, model_name_or_path=tiny_ckpt, stage=stage, freeze_vision=freeze_vision,
+def test_stage_changes_exactly_its_parameters(processor, files, tiny_checkpoint, tmp_path, stage, freeze_vision):
+    out = run(processor, model_name_or_path=tiny_checkpoint, stage=stage, freeze_vision=freeze_vision,
               train_file=files["image"], max_steps=2, learning_rate=1e-2, output_dir=str(tmp_path))
-    before, after = _weights(tiny_ckpt), _weights(out["final_dir"])
+    before, after = _weights(tiny_checkpoint), _weights(out["final_dir"])
     assert before.keys() == after.keys()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     expected = _expected(stage, list(before), freeze_vision)
@@ -189,16 +178,16 @@ def test_stage_changes_exactly_its_parameters(processor, files, tiny_ckpt, tmp_p
         assert all(r["indexer_loss"] > 0 for r in out["history"])
 
 
-def test_loss_falls(processor, files, tiny_ckpt, tmp_path):
-    out = run(processor, model_name_or_path=tiny_ckpt, stage="full", train_file=files["text"], max_steps=24,
+def test_loss_falls(processor, files, tiny_checkpoint, tmp_path):
+    out = run(processor, model_name_or_path=tiny_checkpoint, stage="full", train_file=files["text"], max_steps=24,
               learning_rate=3e-3, max_seq_len=96, output_dir=str(tmp_path), save_final=False)
     lm = [r["lm_loss"] for r in out["history"]]
     first, last = sum(lm[:5]) / 5, sum(lm[-5:]) / 5
     assert last < first - 2.0, f"LM loss did not fall: first 5 steps {first:.3f}, last 5 {last:.3f}"
 
 
-def test_resume_is_bitwise_identical(processor, files, tiny_ckpt, tmp_path):
-    common = dict(model_name_or_path=tiny_ckpt, stage="dsa-sparse", train_file=files["mixed"], max_steps=3,
+def test_resume_is_bitwise_identical(processor, files, tiny_checkpoint, tmp_path):
+    common = dict(model_name_or_path=tiny_checkpoint, stage="dsa-sparse", train_file=files["mixed"], max_steps=3,
                   gradient_accumulation_steps=2, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=1,
                   attn_implementation="dsa_torch", max_seq_len=128)
     a = run(processor, output_dir=str(tmp_path / "a"), **common)
@@ -211,10 +200,10 @@ def test_resume_is_bitwise_identical(processor, files, tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("attn,indexer_loss", [("sdpa", None), ("sdpa", "dense"), ("dsa_torch", "sparse")])
-def test_packed_batch_equals_samples_one_by_one(processor, files, tiny_ckpt, attn, indexer_loss):
+def test_packed_batch_equals_samples_one_by_one(processor, files, tiny_checkpoint, attn, indexer_loss):
     from keye_vl.modeling_keye import KeyeVL2MoeForConditionalGeneration
 
-    model = KeyeVL2MoeForConditionalGeneration.from_pretrained(tiny_ckpt, attn_implementation=attn).eval()
+    model = KeyeVL2MoeForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation=attn).eval()
     enc = D.SampleEncoder(processor)
     samples = [enc(json.loads(line)) for line in list(open(files["mixed"]))[:4]]
     assert sum(s.get("pixel_values") is not None for s in samples) == 2
@@ -244,14 +233,14 @@ def test_packed_batch_equals_samples_one_by_one(processor, files, tiny_ckpt, att
 
 
 @pytest.mark.parametrize("stage", ["full", "dsa-warmup"])
-def test_gradient_checkpointing_gives_the_same_gradients(processor, files, tiny_ckpt, stage):
+def test_gradient_checkpointing_gives_the_same_gradients(processor, files, tiny_checkpoint, stage):
     enc = D.SampleEncoder(processor)
     lines = list(open(files["mixed"]))
     batch = D.collate_packs([[enc(json.loads(lines[1])), enc(json.loads(lines[0]))]], 151643)
     batch.pop("attention_mask")
     grads = []
     for gc in (False, True):
-        args = P.PretrainArguments(model_name_or_path=tiny_ckpt, stage=stage, gradient_checkpointing=gc, report_to="none")
+        args = P.PretrainArguments(model_name_or_path=tiny_checkpoint, stage=stage, gradient_checkpointing=gc, report_to="none")
         model = P.configure_stage(P.build_model(args), args).train()
         loss, _ = P.forward_loss(model, batch, P.STAGES[stage]["indexer_loss"], model.config)
         loss.backward()
@@ -284,8 +273,8 @@ def test_sparse_kl_needs_no_segment_ids_given_topk_lists():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_lora_adapter_round_trips(processor, files, tiny_ckpt, tmp_path):
-    out = run(processor, model_name_or_path=tiny_ckpt, stage="dsa-sparse", lora=True, lora_r=4,
+def test_lora_adapter_round_trips(processor, files, tiny_checkpoint, tmp_path):
+    out = run(processor, model_name_or_path=tiny_checkpoint, stage="dsa-sparse", lora=True, lora_r=4,
               train_file=files["mixed"], max_steps=2, learning_rate=1e-2, output_dir=str(tmp_path),
               attn_implementation="dsa_torch")
     trained = out["model"].eval()
@@ -299,9 +288,9 @@ def test_lora_adapter_round_trips(processor, files, tiny_ckpt, tmp_path):
     # the base weights are untouched, and base + adapter reproduces the trained model
     base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                 for k, v in trained.state_dict().items() if "lora_" not in k}
-    before = _weights(tiny_ckpt)
+    before = _weights(tiny_checkpoint)
     assert all(torch.equal(before[k], base_now[k]) for k in before)
-    reloaded = P.load_lora(tiny_ckpt, adapter)
+    reloaded = P.load_lora(tiny_checkpoint, adapter)
     reloaded.base_model.model.set_attn_implementation("dsa_torch")
     enc = D.SampleEncoder(processor)
     batch = D.collate_packs([[enc(json.loads(line)) for line in list(open(files["mixed"]))[:3]]], 151643)

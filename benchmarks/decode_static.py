@@ -51,7 +51,7 @@ def fill(cache, model, B, ctx, device, dtype, static: bool):
         del k
     if static:
         cache.set_key_mask(None, 0, ctx, B, torch.device(device))
-        cache.prefilled, cache.prefill_length, cache.check_capacity = True, ctx, False
+        cache.prefilled, cache.check_capacity = True, False
     return cache
 
 

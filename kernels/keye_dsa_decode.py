@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .keye_dsa_reference import _indexer_scores_chunk
+from .keye_dsa_reference import _indexer_scores_chunk, _masked_softmax
 
 __all__ = ["decode_topk_indices", "sparse_attention_decode", "ordered_float_keys"]
 
@@ -100,11 +100,6 @@ def sparse_attention_decode(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *,
     vs = v[rows, safe].float()
     qg = q.float().view(B, T, Hkv, G, D)
     logits = torch.einsum("btngd,btknd->btngk", qg, ks) * scaling
-    logits = logits.masked_fill(~valid[:, :, None, None, :], float("-inf"))
-    m = logits.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.exp(logits - m)
-    den = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    p, _ = _masked_softmax(logits, valid[:, :, None, None, :])  # the reference's (empty rows: 0, no NaN)
     out = torch.einsum("btngk,btknd->btngd", p, vs)
     return out.reshape(B, T, Hq, v.shape[-1]).to(q.dtype)

@@ -439,7 +439,6 @@ class KeyeVL2StaticCache(Cache):
 
     ``prefilled`` (a python bool) says whether the first forward ran: the model then takes the device-side decode path
     (filled length read from ``get_seq_length()``, a 0-d int64 device tensor, never copied to the host).
-    ``prefill_length`` is the host-side count of tokens written while ``prefilled`` was False.
 
     Args:
         config: the model config (its text part sets the number of layers), or None with ``num_layers``.
@@ -467,7 +466,6 @@ class KeyeVL2StaticCache(Cache):
         super().__init__(layers=[KeyeVL2StaticCacheLayer(self._capacity) for _ in range(int(num_layers))])
         self.key_mask: torch.Tensor | None = None
         self.prefilled = False
-        self.prefill_length = 0
         self.check_capacity = True
 
     @property
@@ -515,7 +513,6 @@ class KeyeVL2StaticCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.prefilled = False
-        self.prefill_length = 0
         self.check_capacity = True
 
     def crop(self, tokens_to_remove: int) -> None:

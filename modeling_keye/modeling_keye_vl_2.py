@@ -426,7 +426,6 @@ class AttentionContext:
     static_decode: bool = False
     allowed: torch.Tensor | None = None
     _mask: Any = None
-    _mask_built: bool = False
 
     def dense_mask(self, impl: str, device: torch.device) -> torch.Tensor | None:
         """[B, 1, T, S] bool, or None where sdpa can run plainly causal (no padding, no segments, T == S)."""
@@ -435,10 +434,9 @@ class AttentionContext:
         need = self.key_mask is not None or self.segment_ids is not None or self.T != self.S
         if not need and impl != "eager":
             return None
-        if not self._mask_built:
+        if self._mask is None:  # built once per forward, shared by the layers
             self._mask = build_dense_mask(self.T, self.S, self.q_offset, self.key_mask, self.segment_ids, device,
                                           self.batch)
-            self._mask_built = True
         return self._mask
 
 
@@ -1035,9 +1033,8 @@ class KeyeVL2TextModel(nn.Module):
             if past_len is None:  # decode: fixed shapes, length on the device
                 C = past_key_values.max_cache_len
                 q_start = past_key_values.length_tensor().clone()  # the layers advance it in place
-                q_pos = q_start + torch.arange(T, device=inputs_embeds.device)  # [T]
-                allowed = torch.arange(C, device=inputs_embeds.device)[None, :] <= q_pos[:, None]  # [T, C]
-                allowed = allowed[None] & past_key_values.key_mask[:, None, :]  # [B, T, C]
+                allowed = build_dense_mask(T, C, q_start, past_key_values.key_mask, None, inputs_embeds.device,
+                                           B)[:, 0]  # [B, T, C]: causal from the device-side start, padding
                 ctx = AttentionContext(q_offset=q_start, T=T, S=C, batch=B, static_decode=True, allowed=allowed)
             else:
                 past_key_values.set_key_mask(key_mask, past_len, past_len + T, B, inputs_embeds.device)
@@ -1162,32 +1159,28 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
         ``past_len=None``: a decode step on a prefilled :class:`KeyeVL2StaticCache`; the positions are computed on
         the device from its length tensor (as transformers' decode positions ``cache_position + rope_delta``)."""
         B, T = inputs_embeds.shape[:2]
-        if past_len is None:
-            deltas = self.rope_deltas
-            if deltas is None:
-                deltas = torch.zeros(B, 1, dtype=torch.long, device=inputs_embeds.device)
-            if deltas.shape[0] != B:  # beam search / num_return_sequences expanded the batch
-                deltas = deltas.repeat_interleave(B // deltas.shape[0], dim=0)
-            start = cache.length_tensor()
-            p = (start + torch.arange(T, device=inputs_embeds.device))[None] + deltas.to(inputs_embeds.device)
-            return p[None].expand(3, B, T), deltas
-        if past_len == 0 and input_ids is not None:
-            pos, deltas = get_rope_index(
-                input_ids, image_grid_thw, video_grid_thw, attention_mask,
-                self.config.image_token_id, self.config.video_token_id,
-                self.config.vision_config.spatial_merge_size, segment_ids,
-            )
-            self.rope_deltas = deltas
-            return pos, deltas
-        deltas = self.rope_deltas if (self.rope_deltas is not None and past_len > 0) else None
-        if deltas is None:
-            if attention_mask is not None and past_len == 0:  # text-only embeds with left padding
+        dev = inputs_embeds.device
+        if past_len is None:  # static-cache decode: the start is the cache's device-side length
+            start, deltas = cache.length_tensor(), self.rope_deltas
+        else:
+            if past_len == 0 and input_ids is not None:
+                pos, deltas = get_rope_index(
+                    input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                    self.config.image_token_id, self.config.video_token_id,
+                    self.config.vision_config.spatial_merge_size, segment_ids,
+                )
+                self.rope_deltas = deltas
+                return pos, deltas
+            deltas = self.rope_deltas if (self.rope_deltas is not None and past_len > 0) else None
+            if deltas is None and attention_mask is not None and past_len == 0:  # text-only embeds, left padding
                 p = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-                return p[None].expand(3, B, T).to(inputs_embeds.device), None
-            deltas = torch.zeros(B, 1, dtype=torch.long, device=inputs_embeds.device)
-        if deltas.shape[0] != B:  # e.g. beam search expanded the batch
+                return p[None].expand(3, B, T).to(dev), None
+            start = past_len
+        if deltas is None:
+            deltas = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        if deltas.shape[0] != B:  # beam search / num_return_sequences expanded the batch
             deltas = deltas.repeat_interleave(B // deltas.shape[0], dim=0)
-        p = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None] + deltas.to(inputs_embeds.device)
+        p = (start + torch.arange(T, device=dev))[None] + deltas.to(dev)
         return p[None].expand(3, B, T), deltas
 
     def forward(
@@ -1258,8 +1251,8 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
                         f"{past_key_values.max_cache_len}; build a larger cache (prompt + max_new_tokens)"
                     )
         else:
-            past_len = (past_key_values.prefill_length if static else past_key_values.get_seq_length()) if (
-                past_key_values is not None) else 0
+            # a static cache is filled only by its prefill (later forwards take the decode branch above)
+            past_len = (0 if static else past_key_values.get_seq_length()) if past_key_values is not None else 0
             if static and past_len + T > past_key_values.max_cache_len:
                 raise ValueError(
                     f"{past_len + T} tokens do not fit the KeyeVL2StaticCache (max_cache_len="
@@ -1310,7 +1303,6 @@ class KeyeVL2MoeModel(KeyeVL2PreTrainedModel):
             )
             hs.append(h), all_h.append(hh), all_a.append(aa), routers.extend(rr), kls.extend(kk)
         if static and not static_decode:
-            past_key_values.prefill_length = past_len + T
             past_key_values.prefilled = True
         hidden_states = attentions = None
         if output_hidden_states:  # per layer, the whole sequence (chunks joined along the tokens)

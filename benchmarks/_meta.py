@@ -43,8 +43,9 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def run_meta(argv=None) -> dict:
-    """Metadata of this run (see the module docstring); ``argv`` defaults to ``sys.argv``."""
+def run_meta(argv=None, device=None) -> dict:
+    """Metadata of this run (see the module docstring); ``argv`` defaults to ``sys.argv``; ``device`` (``"cuda"`` /
+    ``"cpu"``) is the one the run uses (default: CUDA when available)."""
     import torch
 
     sha = _git("rev-parse", "HEAD") or os.environ.get("KEYE_GIT_SHA")
@@ -55,6 +56,7 @@ def run_meta(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
         "transformers": _version("transformers"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_model(),
+        "device": torch.cuda.get_device_name() if (torch.cuda.is_available() if device is None else
+                                                   str(device).startswith("cuda")) else _cpu_model(),
         "cuda": torch.version.cuda, "cpus": os.cpu_count(),
     }

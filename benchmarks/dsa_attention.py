@@ -63,9 +63,7 @@ def _import_kernels():
 
 
 def _topk_stats(tri):
-    import sys as _sys
-
-    mod = _sys.modules.get(tri.dsa_topk_indices.__module__)
+    mod = sys.modules.get(tri.dsa_topk_indices.__module__)
     return getattr(mod, "STATS", {"fused_rows": 0, "fallback_rows": 0})
 
 
@@ -74,9 +72,7 @@ def scoring_only(tri):
     """Time the indexer scoring alone: inside, ``dsa_topk_indices`` skips both selections (buffered: the streaming
     select; fused: the candidate select, with no row flagged for recomputation), so its output is garbage. A
     benchmark-only switch kept here, out of the production kernels."""
-    import sys as _sys
-
-    mod = _sys.modules[tri.dsa_topk_indices.__module__]
+    mod = sys.modules[tri.dsa_topk_indices.__module__]
     saved = mod._select_topk, mod._cand_select_kernel
 
     class _NoSelect:

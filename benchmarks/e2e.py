@@ -748,15 +748,10 @@ PHASE_SHARE = {"moe": 30.0, "keye_sdpa": 120.0, "qwen3_vl_moe": 110.0, "keye_dsa
 
 
 def environment(device, dtype, args) -> dict:
-    import transformers
+    from _meta import run_meta  # beside this file (the benchmarks folder is on sys.path)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _meta import run_meta
-
-    meta = run_meta()
-    meta.update({"device": torch.cuda.get_device_name() if device == "cuda" else meta["device"],
-                 "transformers": transformers.__version__, "dtype": str(dtype), "tiny": args.tiny,
-                 "budget_s": args.budget, "plan": make_plan(args.tiny)})
+    meta = run_meta(device=device)
+    meta.update({"dtype": str(dtype), "tiny": args.tiny, "budget_s": args.budget, "plan": make_plan(args.tiny)})
     return meta
 
 

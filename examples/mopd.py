@@ -497,8 +497,8 @@ def main(args: MOPDArguments | None = None, processor=None) -> dict:
             tc = time.perf_counter()
             orm = None
             if args.alpha:
-                texts = tok.batch_decode(rb.completion_ids * rb.completion_mask + pad_id * (1 - rb.completion_mask),
-                                         skip_special_tokens=True)
+                # generate_rollouts already put pad_id after each completion's end
+                texts = tok.batch_decode(rb.completion_ids, skip_special_tokens=True)
                 rewards = torch.tensor([float(t.strip() == reference_answer(prompts[i // G]["record"]).strip())
                                         for i, t in enumerate(texts)], device=device)
                 orm = group_normalised_rewards(rewards, rb.group.to(device))

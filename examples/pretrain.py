@@ -47,7 +47,8 @@ from keye_vl.training.logging import TrainLogger
 from keye_vl.training.loop import (finish_run, backward_and_step, device_name, make_accelerator, prepare_training,
                                    peak_memory_gib, reduce_mean, reset_peak_memory, to_float)
 from keye_vl.training.losses import lm_forward_loss
-from keye_vl.training.models import DECODER_ATTN, EXPERT_PARAMS, INDEXER, UNUSED_PARAMS, configure_trainable
+from keye_vl.training.models import (DECODER_ATTN, EXPERT_PARAMS, INDEXER, UNUSED_PARAMS, configure_trainable,
+                                     vision_is_frozen)
 from keye_vl.training.models import build_model as _build_model
 from keye_vl.training.models import load_lora  # noqa: F401  (re-exported: pretrain.load_lora(base, adapter_dir))
 
@@ -169,7 +170,7 @@ def main(args: PretrainArguments | None = None, processor=None) -> dict:
     encoder = SampleEncoder(processor, loss_on=args.loss_on, base_dir=os.path.dirname(os.path.abspath(args.train_file)))
     packs = PackedStream(args.train_file, encoder, args.max_seq_len, pack=args.pack, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, state=data_state, cache_size=args.cache_samples)
-    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if "visual." in n or "mlp_AR." in n)
+    vision_trains = not vision_is_frozen(model)
     batches = Prefetcher(BatchStream(packs, args.per_device_batch_size, config.pad_token_id,
                                      ensure_vision_config=config if accelerator.num_processes > 1 and vision_trains else None),
                          args.prefetch)

@@ -145,8 +145,7 @@ def push_to_hub(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    render_model_card(repo_id, **card_kwargs)  # fail on a bad id before creating anything remotely
-    api = HfApi(token=token)
+    api = HfApi(token=token)  # local; save_hub_folder renders the card (a bad id fails there, before any upload)
     with tempfile.TemporaryDirectory(prefix="keye-hub-") as tmp:
         names = save_hub_folder(tmp, model, processor, repo_id, max_shard_size=max_shard_size, **card_kwargs)
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)

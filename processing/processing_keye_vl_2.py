@@ -325,7 +325,7 @@ class KeyeVL2Processor(ProcessorMixin):
                 continue
             else:
                 close = difflib.get_close_matches(key, sorted(_IMAGE_KWARGS | _VIDEO_KWARGS), n=1, cutoff=0.8)
-                if close and key not in _TEXT_KWARGS:
+                if close:
                     raise ValueError(f"unknown keyword argument {key!r} for KeyeVL2Processor; did you mean {close[0]!r}?")
                 text_kwargs.setdefault(key, value)
 

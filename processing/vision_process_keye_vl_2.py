@@ -436,11 +436,6 @@ class VideoSampling:
         return dataclasses.replace(base, **changes) if changes else base
 
 
-def _resolve_sampling(sampling: VideoSampling | None, options: dict[str, Any], where: str) -> VideoSampling:
-    """``sampling`` (default: the model's) with keyword ``options`` (field names, checked) applied."""
-    return VideoSampling.from_mapping(options, sampling, where=where) if options else (sampling or VideoSampling())
-
-
 def _unknown_key_message(key: str, known: set[str], where: str) -> str:
     import difflib
 
@@ -489,7 +484,7 @@ def plan_video(
     Raises:
         ValueError: ``nframes`` above the frames available, empty window, bad sizes (see :func:`smart_resize`).
     """
-    sampling = _resolve_sampling(sampling, options, "plan_video")
+    sampling = VideoSampling.from_mapping(options, sampling, where="plan_video")
     start, end = frame_range(total_frames, video_fps, sampling.video_start, sampling.video_end)
     count = end - start + 1
     duration = total_frames / video_fps
@@ -1200,7 +1195,7 @@ def read_video(
         FileNotFoundError, VideoReadError (empty file, not a video, nothing decodes), TimeoutError, ImportError (no
         PyAV), ValueError (unknown option, bad values).
     """
-    sampling = _resolve_sampling(sampling, options, "read_video")
+    sampling = VideoSampling.from_mapping(options, sampling, where="read_video")
     probe = probe_video(path, timeout=timeout)
     plan = plan_video(probe["total_frames"], probe["video_fps"], probe["height"], probe["width"], sampling,
                       num_videos=num_videos)
@@ -1263,7 +1258,7 @@ def read_frame_list(
     if "fps" in options:
         frames_fps = options.pop("fps") if frames_fps is None else frames_fps
         options.pop("fps", None)
-    sampling = _resolve_sampling(sampling, options, "read_frame_list")
+    sampling = VideoSampling.from_mapping(options, sampling, where="read_frame_list")
     if frames is None or len(frames) == 0:
         raise ValueError("the video's frame list is empty: a video needs at least one frame")
     tensors = _frame_list_to_tensor(frames)
@@ -1305,10 +1300,6 @@ def _media_kind(ele: Any) -> str | None:
     if kind is not None and kind != "text" and ("image" in ele or "video" in ele or "image_url" in ele):
         return "video" if "video" in ele else "image"
     return None
-
-
-def _is_media(ele: Any, kind: str) -> bool:
-    return _media_kind(ele) == kind
 
 
 def _media_source(ele: dict, keys: Sequence[str], kind: str) -> Any:

@@ -123,10 +123,9 @@ def set_trainable(model, names: Iterable[str]) -> int:
 
 
 def vision_is_frozen(model) -> bool:
-    """True when no parameter of the vision tower (``visual.*``) or projector (``mlp_AR.*``) trains (LoRA-wrapped
-    names included)."""
-    for n, p in model.named_parameters():
-        n = n.replace("base_model.model.", "")
+    """True when no parameter of the vision tower (``visual.*``) or projector (``mlp_AR.*``) trains; the names are
+    read on the unwrapped model (:func:`unwrap_base`: DDP's ``module.``, PEFT's ``base_model.model.``)."""
+    for n, p in unwrap_base(model).named_parameters():
         if p.requires_grad and n.startswith(VISION_PREFIXES):
             return False
     return True

@@ -250,3 +250,27 @@ def test_local_folders_only(tmp_path):
         M.build_model("Kwai-Keye/Keye-VL-2.0-30B-A3B")
     with pytest.raises(FileNotFoundError, match="not found"):
         M.load_any_causal_lm(str(tmp_path / "missing"))
+
+
+def test_vision_is_frozen_sees_through_wrappers(model):
+    """DDP names parameters module.visual.*: the check reads the unwrapped model's names."""
+    from keye_vl.training.models import vision_is_frozen
+
+    class DDPLike(torch.nn.Module):  # DistributedDataParallel's naming, without a process group
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    wrapped = DDPLike(model)
+    assert next(n for n, _ in wrapped.named_parameters()).startswith("module.")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("visual."))
+        assert not vision_is_frozen(wrapped) and not vision_is_frozen(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        assert vision_is_frozen(wrapped)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(before[n])
